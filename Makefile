@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv from the lock.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bonewatch demo
+
+test: $(STAMP)
+	bash scripts/ensure-postgres
+	$(BIN)/ruff check dags plugins tests
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+# Re-pin every dependency (needs uv; run by a maintainer, not by the two commands).
+lock:
+	uv pip compile requirements.in --python-version 3.11 -o requirements.lock --custom-compile-command "make lock"
+
+clean:
+	rm -rf $(VENV) .pytest_cache data

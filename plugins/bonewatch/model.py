@@ -1,0 +1,49 @@
+"""Plain data shared by the functional core and the shell."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import date
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    """How soon a nurse should act; digests list high first."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        return {"high": 0, "medium": 1, "info": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule's verdict for one patient and episode, as of a night.
+
+    `episode` is derived from the data (e.g. the date the hold began), so the same finding on the
+    next night has the same key and is the same alert.
+    """
+
+    patient_id: str
+    rule: str
+    rule_version: str
+    severity: Severity
+    episode: str
+    observed_on: date
+    action: str
+    citation: str
+    evidence: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def alert_id(self) -> str:
+        return alert_id(self.patient_id, self.rule, self.episode)
+
+
+def alert_id(patient_id: str, rule: str, episode: str) -> str:
+    """Stable, opaque alert id: the same (patient, rule, episode) always gives the same id."""
+    digest = hashlib.sha256(f"{patient_id}\x1f{rule}\x1f{episode}".encode()).hexdigest()
+    return f"A{digest[:15]}"

@@ -1,0 +1,1 @@
+"""Notification shell: render digests (pure), queue them in the outbox, send through SMTP."""

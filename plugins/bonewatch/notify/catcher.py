@@ -1,0 +1,97 @@
+"""A local SMTP catcher (aiosmtpd) for the demo and the tests: every accepted message is kept in
+memory and, when a folder is given, saved there as an .eml file."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import threading
+from email.message import EmailMessage
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope
+
+
+class _Handler:
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.messages: list[EmailMessage] = []
+        self.envelopes: list[tuple[str, list[str]]] = []
+        self.refuse: set[str] = set()
+        self._lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address.lower() in self.refuse:
+            return "550 5.1.1 recipient refused by test server"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope: Envelope):  # noqa: N802
+        message = email.message_from_bytes(envelope.original_content or envelope.content,
+                                           policy=email.policy.default)
+        with self._lock:
+            self.messages.append(message)
+            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                name = f"{len(self.messages):04d}.eml"
+                (self.folder / name).write_bytes(envelope.original_content or envelope.content)
+        return "250 Message accepted for delivery"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class MailCatcher:
+    """Start with `with MailCatcher(port=0) as catcher:`; `catcher.port` is the bound port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, folder: str | Path | None = None):
+        self.host = host
+        self.handler = _Handler(Path(folder) if folder else None)
+        self._requested_port = port
+        self.controller: Controller | None = None
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        return self.handler.messages
+
+    @property
+    def envelopes(self) -> list[tuple[str, list[str]]]:
+        return self.handler.envelopes
+
+    @property
+    def port(self) -> int:
+        assert self.controller is not None, "catcher not started"
+        return self.controller.port
+
+    def refuse(self, *addresses: str) -> None:
+        """Make the server answer 550 for these recipients (a real refusal, not a mock)."""
+        self.handler.refuse = {a.lower() for a in addresses}
+
+    def clear(self) -> None:
+        with self.handler._lock:
+            self.handler.messages.clear()
+            self.handler.envelopes.clear()
+
+    def start(self) -> MailCatcher:
+        # aiosmtpd's readiness probe cannot connect to port 0, so pick a free port first.
+        port = self._requested_port or _free_port(self.host)
+        self.controller = Controller(self.handler, hostname=self.host, port=port, ready_timeout=10)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def __enter__(self) -> MailCatcher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
