@@ -1,0 +1,1 @@
+"""Ingest shell: read delivery files into canonical DataFrames plus quarantined rows."""

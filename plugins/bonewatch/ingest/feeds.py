@@ -1,0 +1,182 @@
+"""The canonical CSV feeds (SPEC 2.1 lab results, SPEC 2.4 clinical events): parse a chunk of raw
+strings into canonical rows, and name a reason for every row that cannot be used."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+
+from bonewatch.config import Settings
+from bonewatch.ingest.parsing import (
+    STATUS_RANK,
+    first_reason,
+    parse_instants,
+    parse_numbers,
+    parse_statuses,
+)
+from bonewatch.units import ANALYTES, LOINC, normalise_unit, unit_key_table
+
+LAB_COLUMNS = ["patient_id", "result_id", "loinc", "value", "unit", "collected_at", "status"]
+EVENT_COLUMNS = ["patient_id", "event_type", "occurred_at", "value", "detail"]
+
+EVENT_TYPES = {
+    "diagnosis", "birth_date", "sex", "weight_kg", "bisphosphonate_dose", "bisphosphonate_stop",
+    "myeloma_therapy_start", "response", "bone_disease", "dental_exam", "albuminuria_mg_24h",
+    "care_team",
+}
+AGENTS = {"zoledronic_acid", "pamidronate", "denosumab"}
+RESPONSES = {"scr": "sCR", "cr": "CR", "vgpr": "VGPR", "pr": "PR", "mr": "MR", "sd": "SD", "pd": "PD"}
+DIAGNOSES = {"mm": "MM", "smm": "SMM", "mgus": "MGUS", "osteoporosis": "osteoporosis"}
+SEXES = {"f": "F", "female": "F", "m": "M", "male": "M"}
+BONE = {"active": "active", "none": "none"}
+
+
+@dataclass
+class Parsed:
+    rows: pd.DataFrame        # canonical rows ready for the store
+    rejected: pd.DataFrame    # columns: line, reason, raw
+
+
+def _raw_text(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    return frame[columns].astype("string").fillna("").agg(",".join, axis=1)
+
+
+def _split(frame: pd.DataFrame, reasons: pd.Series, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    bad = reasons != ""
+    rejected = pd.DataFrame({"line": frame.index[bad].astype("int64"), "reason": reasons[bad].to_numpy(),
+                             "raw": _raw_text(frame[bad], columns).to_numpy()})
+    return frame[~bad], rejected
+
+
+def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, received_at: datetime) -> Parsed:
+    """Raw lab CSV strings (index = source line) -> canonical results + rejected rows."""
+    frame = frame.copy()
+    for column in LAB_COLUMNS:
+        frame[column] = frame[column].astype("string").fillna("").str.strip()
+    code = frame["loinc"]
+    mapped = code.map(lambda c: settings.ingest.code_map.get(c, c))
+    analyte = mapped.map(LOINC)
+    r_code = pd.Series("", index=frame.index, dtype="object")
+    r_code[analyte.isna()] = "unknown code '" + code[analyte.isna()].str.slice(0, 32) + "'"
+    number, censor, r_value = parse_numbers(frame["value"])
+    factors = unit_key_table()
+    unit_norm = frame["unit"].map(normalise_unit)
+    factor = pd.Series([factors.get((a, u)) for a, u in zip(analyte, unit_norm)], index=frame.index,
+                       dtype="float64")
+    r_unit = pd.Series("", index=frame.index, dtype="object")
+    no_unit = factor.isna() & analyte.notna()
+    r_unit[no_unit] = ("unit '" + frame["unit"][no_unit].str.slice(0, 16) + "' cannot be converted for "
+                       + analyte[no_unit].astype("string"))
+    latest = pd.Timestamp(received_at) + pd.Timedelta(days=1)
+    collected_at, collected_date, r_date = parse_instants(frame["collected_at"], settings.tz, latest)
+    status, r_status = parse_statuses(frame["status"])
+    r_ids = pd.Series("", index=frame.index, dtype="object")
+    r_ids[frame["result_id"] == ""] = "missing result_id"
+    r_ids[frame["patient_id"] == ""] = "missing patient_id"
+    reasons = first_reason(r_ids, r_code, r_value, r_unit, r_date, r_status)
+    canonical = pd.DataFrame({
+        "result_id": frame["result_id"],
+        "patient_id": frame["patient_id"],
+        "analyte": analyte,
+        "code": code,
+        "value": number * factor,
+        "censor": censor,
+        "unit": analyte.map(lambda a: ANALYTES[a].canonical_unit if isinstance(a, str) else None),
+        "orig_value": frame["value"].str.slice(0, 64),
+        "orig_unit": frame["unit"].str.slice(0, 32),
+        "collected_at": collected_at,
+        "collected_date": collected_date,
+        "status": status,
+        "status_rank": status.map(STATUS_RANK),
+        "delivery_id": delivery_id,
+        "source_line": frame.index.astype("int64"),
+    }, index=frame.index)
+    good, rejected = _split(frame, reasons, LAB_COLUMNS)
+    rows = canonical.loc[good.index]
+    # A later row with the same result id is a correction (SPEC 2.1): the last one in the file wins.
+    rows = rows[~rows["result_id"].duplicated(keep="last")]
+    rows["status_rank"] = rows["status_rank"].astype("int64")
+    return Parsed(rows, rejected)
+
+
+def _event_values(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Normalise each event's value by its type; return (value, number, reasons)."""
+    etype, value = frame["event_type"], frame["value"]
+    lower = value.str.lower()
+    out = value.copy()
+    reasons = pd.Series("", index=frame.index, dtype="object")
+    number = pd.Series(float("nan"), index=frame.index, dtype="float64")
+
+    def vocabulary(kind: str, mapping: dict[str, str], allow_empty: bool = False) -> None:
+        rows = etype == kind
+        mapped = lower[rows].map(mapping)
+        bad = mapped.isna() & ~((lower[rows] == "") & allow_empty)
+        out[rows] = mapped.fillna(value[rows])
+        reasons[bad[bad].index] = f"unknown {kind} value '" + value[bad[bad].index].str.slice(0, 32) + "'"
+
+    vocabulary("sex", SEXES)
+    vocabulary("response", RESPONSES)
+    vocabulary("bone_disease", BONE)
+    vocabulary("diagnosis", DIAGNOSES)
+    vocabulary("bisphosphonate_dose", {a: a for a in AGENTS})
+    vocabulary("bisphosphonate_stop", {a: a for a in AGENTS}, allow_empty=True)
+    for kind in ("weight_kg", "albuminuria_mg_24h"):
+        rows = etype == kind
+        parsed, _, r = parse_numbers(value[rows])
+        number[rows] = parsed
+        reasons[rows] = r
+    births = etype == "birth_date"
+    if births.any():
+        parsed = pd.to_datetime(value[births], format="ISO8601", errors="coerce")
+        bad = parsed.isna() | (parsed < pd.Timestamp("1900-01-01"))
+        out[births] = parsed.dt.strftime("%Y-%m-%d").fillna(value[births])
+        reasons[bad[bad].index] = "impossible birth date '" + value[bad[bad].index].str.slice(0, 32) + "'"
+    needs_value = etype.isin(["myeloma_therapy_start", "care_team"]) & (value == "")
+    reasons[needs_value] = "missing value for " + etype[needs_value]
+    doses = etype == "bisphosphonate_dose"
+    dose_mg = pd.to_numeric(frame["detail"][doses].replace("", None), errors="coerce")
+    bad_dose = (frame["detail"][doses] != "") & (dose_mg.isna() | (dose_mg <= 0) | (dose_mg > 1000))
+    reasons[bad_dose[bad_dose].index] = "unparseable dose (mg) '" + frame["detail"][bad_dose[bad_dose].index].str.slice(0, 16) + "'"
+    return out, number, reasons
+
+
+def event_keys(rows: pd.DataFrame) -> list[str]:
+    """Events have no source id: the key is a hash of every field, so a re-sent event is the same."""
+    joined = (rows["patient_id"] + "\x1f" + rows["event_type"] + "\x1f"
+              + rows["occurred_at"].astype("string") + "\x1f" + rows["value"] + "\x1f" + rows["detail"])
+    return [hashlib.sha256(text.encode()).hexdigest()[:40] for text in joined]
+
+
+def parse_events(frame: pd.DataFrame, settings: Settings, delivery_id: str, received_at: datetime) -> Parsed:
+    """Raw events CSV strings (index = source line) -> canonical events + rejected rows."""
+    frame = frame.copy()
+    for column in EVENT_COLUMNS:
+        frame[column] = frame[column].astype("string").fillna("").str.strip()
+    frame["event_type"] = frame["event_type"].str.lower()
+    r_type = pd.Series("", index=frame.index, dtype="object")
+    unknown = ~frame["event_type"].isin(EVENT_TYPES)
+    r_type[unknown] = "unknown event type '" + frame["event_type"][unknown].str.slice(0, 32) + "'"
+    r_type[frame["patient_id"] == ""] = "missing patient_id"
+    latest = pd.Timestamp(received_at) + pd.Timedelta(days=1)
+    occurred_at, occurred_date, r_date = parse_instants(frame["occurred_at"], settings.tz, latest)
+    value, number, r_value = _event_values(frame)
+    reasons = first_reason(r_type, r_date, r_value)
+    canonical = pd.DataFrame({
+        "patient_id": frame["patient_id"],
+        "event_type": frame["event_type"],
+        "occurred_at": occurred_at,
+        "occurred_date": occurred_date,
+        "value": value.astype("string").fillna("").str.slice(0, 128),
+        "detail": frame["detail"].str.slice(0, 256),
+        "number": number,
+        "delivery_id": delivery_id,
+        "source_line": frame.index.astype("int64"),
+    }, index=frame.index)
+    good, rejected = _split(frame, reasons, EVENT_COLUMNS)
+    rows = canonical.loc[good.index]
+    rows.insert(0, "event_key", event_keys(rows) if len(rows) else [])
+    rows = rows[~rows["event_key"].duplicated(keep="last")]
+    return Parsed(rows, rejected)

@@ -1,0 +1,88 @@
+"""Vectorised parsers shared by every feed: instants, numbers with censoring, statuses.
+
+Each parser returns the parsed values and a Series of rejection reasons ("" when the row is fine),
+so a feed can quarantine exactly the rows that fail and keep the rest.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+
+_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
+_NUMBER = r"^\s*(?P<censor>[<>]=?)?\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$"
+EARLIEST = pd.Timestamp("1900-01-01")
+
+STATUS_MAP = {
+    "final": "final", "f": "final",
+    "corrected": "corrected", "c": "corrected", "amended": "corrected",
+    "preliminary": "preliminary", "p": "preliminary", "registered": "preliminary",
+    "cancelled": "cancelled", "canceled": "cancelled", "x": "cancelled",
+    "entered-in-error": "cancelled",
+}
+STATUS_RANK = {"preliminary": 0, "final": 1, "corrected": 2, "cancelled": 3}
+
+
+def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """ISO-8601 strings -> (UTC naive timestamps, local calendar dates, reasons).
+
+    With an offset the instant is exact; without one it is hospital-local time (SPEC 2.1). A date
+    alone means local midnight. Impossible dates (2025-02-30) and dates before 1900 or after
+    `latest` (the delivery's arrival plus a day) are rejected.
+    """
+    text = raw.astype("string").str.strip().fillna("")
+    has_offset = text.str.contains(_OFFSET, regex=True, na=False)
+    utc = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
+    if has_offset.any():
+        utc[has_offset] = pd.to_datetime(text[has_offset], format="ISO8601", errors="coerce", utc=True)
+    local_rows = ~has_offset & (text != "")
+    if local_rows.any():
+        naive = pd.to_datetime(text[local_rows], format="ISO8601", errors="coerce")
+        localised = naive.dt.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
+        utc[local_rows] = localised.dt.tz_convert("UTC")
+    utc_naive = utc.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[us]")
+    local_date = utc.dt.tz_convert(tz).dt.tz_localize(None).dt.normalize().dt.date
+    reasons = pd.Series("", index=raw.index, dtype="object")
+    reasons[text == ""] = "missing date"
+    bad = (text != "") & utc_naive.isna()
+    reasons[bad] = "impossible date '" + text[bad].str.slice(0, 40) + "'"
+    latest_ts = pd.Timestamp(latest).tz_localize(None) if pd.Timestamp(latest).tzinfo else pd.Timestamp(latest)
+    out_of_range = utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))
+    reasons[out_of_range] = "date out of range '" + text[out_of_range].str.slice(0, 40) + "'"
+    return utc_naive, local_date, reasons
+
+
+def parse_numbers(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """'1.2', '<5', '>1000' -> (float, censor '<' / '>' / '', reasons). Censored values are kept."""
+    text = raw.astype("string").fillna("")
+    parts = text.str.extract(_NUMBER)
+    number = pd.to_numeric(parts["number"], errors="coerce").astype("float64")
+    censor = parts["censor"].fillna("").str.slice(0, 1).astype("object")
+    reasons = pd.Series("", index=raw.index, dtype="object")
+    bad = number.isna() | ~np.isfinite(number.fillna(0.0))
+    reasons[bad] = "unparseable value '" + text[bad].str.slice(0, 40) + "'"
+    reasons[text.str.strip() == ""] = "missing value"
+    return number, censor, reasons
+
+
+def parse_statuses(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Result statuses (also HL7 F/C/P/X and FHIR names) -> (canonical status, reasons)."""
+    text = raw.astype("string").str.strip().str.lower().fillna("")
+    status = text.map(STATUS_MAP).astype("object")
+    reasons = pd.Series("", index=raw.index, dtype="object")
+    unknown = status.isna()
+    reasons[unknown] = "unknown status '" + raw.astype("string").fillna("")[unknown].str.slice(0, 20) + "'"
+    reasons[text == ""] = "missing status"
+    return status, reasons
+
+
+def first_reason(*reason_series: pd.Series) -> pd.Series:
+    """Combine per-check reasons: the first non-empty reason of each row wins."""
+    combined = reason_series[0].copy()
+    for series in reason_series[1:]:
+        empty = combined == ""
+        combined[empty] = series[empty]
+    return combined

@@ -1,0 +1,262 @@
+"""The imperative shell that the CLI and the Airflow DAGs call: ingest, evaluate, notify, nightly.
+
+Every function takes `Settings` and an explicit night (`as_of`); none reads the clock for data
+logic. Each returns a small summary dataclass whose `as_dict()` is JSON-safe (for XCom).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Iterable
+
+from sqlalchemy import Engine
+
+from bonewatch.config import Settings
+from bonewatch.errors import BonewatchError, SourceUnreadable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestSummary:
+    files: int = 0
+    skipped_files: int = 0          # already in the delivery ledger (same bytes)
+    failed_files: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    errors: list[str] = field(default_factory=list)   # one line a failed file, no PHI
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluateSummary:
+    as_of: str = ""
+    patients: int = 0
+    findings: int = 0
+    new_alerts: int = 0
+    resolved_alerts: int = 0
+    by_rule: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NotifySummary:
+    queued: int = 0                 # digests put in the outbox this run
+    sent: int = 0                   # messages the SMTP server accepted
+    failed: int = 0                 # messages left pending (error recorded)
+    alerts_notified: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+
+# --------------------------------------------------------------------------------------------
+# ingest
+
+FEEDS = {"labs": "lab results (canonical CSV)", "events": "clinical events (CSV)"}
+
+
+def _now() -> datetime:
+    """Wall-clock time for bookkeeping only (arrival stamps), never for clinical logic."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def detect_feed(path: Path) -> str:
+    """The feed of a delivery, from its name and, for CSV, its header."""
+    name = path.name.lower()
+    if name.endswith(".events.csv"):
+        return "events"
+    if name.endswith(".csv"):
+        with path.open("rb") as handle:
+            header = handle.readline().decode("utf-8", "replace").lower()
+        return "events" if "event_type" in header else "labs"
+    raise SourceUnreadable(path, None, "unsupported format (expected .csv or .events.csv)")
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders walked recursively (sorted, hidden files ignored)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise BonewatchError(f"no such file or folder: {path}")
+    return found
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engine_for(settings: Settings, *, migrate: bool = False) -> Engine:
+    from bonewatch.store import db
+
+    engine = db.make_engine(settings.database_url)
+    if migrate:
+        db.upgrade(engine)
+    else:
+        db.require_current(engine)
+    return engine
+
+
+def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, delivery_id: str,
+                 partition: str | None) -> tuple[int, int, dict]:
+    import pandas as pd
+
+    from bonewatch.ingest import feeds, reader
+    from bonewatch.quality import suites
+    from bonewatch.store import writes
+
+    received_at = _now()
+    columns, parse = ((feeds.LAB_COLUMNS, feeds.parse_labs) if feed == "labs"
+                      else (feeds.EVENT_COLUMNS, feeds.parse_events))
+    accepted = quarantined = passed = failed = total = 0
+    units: dict[str, dict[str, int]] = {}
+    with engine.begin() as conn:
+        for chunk in reader.read_chunks(path, columns, settings.ingest.chunk_size):
+            total += len(chunk.frame) + len(chunk.bad_rows)
+            parsed = parse(chunk.frame, settings, delivery_id, received_at)
+            rows, rejected = parsed.rows, parsed.rejected
+            validation = suites.validate(feed, rows, settings.ingest.plausible)
+            passed += validation.passed
+            failed += validation.failed
+            if validation.bad_rows:
+                flagged = rows.index.isin(list(validation.bad_rows))
+                raw = chunk.frame.loc[rows.index[flagged], columns].astype("string").fillna("").agg(",".join, axis=1)
+                rejected = pd.concat([rejected, pd.DataFrame({
+                    "line": rows.index[flagged].astype("int64"),
+                    "reason": [validation.bad_rows[i] for i in rows.index[flagged]],
+                    "raw": raw.to_numpy()})])
+                rows = rows[~flagged]
+            if chunk.bad_rows:
+                rejected = pd.concat([rejected, pd.DataFrame(chunk.bad_rows, columns=["line", "raw", "reason"])])
+            if feed == "labs":
+                writes.upsert_results(conn, rows)
+                for (analyte, unit), n in rows.groupby(["analyte", "orig_unit"]).size().items():
+                    units.setdefault(analyte, {})[unit] = units.get(analyte, {}).get(unit, 0) + int(n)
+            else:
+                writes.insert_events(conn, rows)
+            if not rejected.empty:
+                writes.insert_quarantine(conn, pd.DataFrame({
+                    "delivery_id": delivery_id, "source_line": rejected["line"].astype("int64").to_numpy(),
+                    "feed": feed, "file_name": path.name, "reason": rejected["reason"].to_numpy(),
+                    "raw": rejected["raw"].to_numpy()}))
+            accepted += len(rows)
+            quarantined += len(rejected)
+        writes.record_delivery(conn, {
+            "delivery_id": delivery_id, "feed": feed, "file_name": path.name, "fmt": "csv",
+            "partition": partition, "received_at": received_at, "rows_total": total,
+            "rows_accepted": accepted, "rows_quarantined": quarantined,
+            "expectations_passed": passed, "expectations_failed": failed,
+            "units": json.dumps(units, sort_keys=True), "status": "loaded", "error": None})
+    return accepted, quarantined, units
+
+
+def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | None = None,
+           progress: bool = False) -> IngestSummary:
+    """Load files or folders into the store; files already in the ledger are skipped.
+
+    Each file is one transaction: its good rows, its quarantined rows (with reasons) and its
+    ledger entry land together or not at all. A file that cannot be read is recorded as failed
+    with a one-line error naming the file and line; the other files still load.
+    """
+    from bonewatch.store import writes
+
+    files = expand_paths(paths)
+    engine = engine_for(settings)
+    summary = IngestSummary()
+    with _progress(progress, "ingest", len(files)) as advance:
+        for path in files:
+            summary.files += 1
+            try:
+                feed = detect_feed(path)
+                delivery_id = file_digest(path)
+                with engine.connect() as conn:
+                    status = writes.delivery_status(conn, delivery_id)
+                if status == "loaded":
+                    summary.skipped_files += 1
+                    log.info("skipped %s: already ingested", path.name)
+                else:
+                    accepted, quarantined, _ = _ingest_file(engine, settings, path, feed, delivery_id, partition)
+                    summary.accepted += accepted
+                    summary.quarantined += quarantined
+                    log.info("ingested %s: %d accepted, %d quarantined", path.name, accepted, quarantined)
+            except SourceUnreadable as exc:
+                summary.failed_files += 1
+                summary.errors.append(str(exc))
+                log.error("%s", exc)
+                with engine.begin() as conn:
+                    writes.record_delivery(conn, {
+                        "delivery_id": file_digest(path), "feed": "unknown", "file_name": path.name,
+                        "fmt": path.suffix.lstrip(".")[:16] or "?", "partition": partition,
+                        "received_at": _now(), "rows_total": 0, "rows_accepted": 0,
+                        "rows_quarantined": 0, "expectations_passed": 0, "expectations_failed": 0,
+                        "units": "{}", "status": "failed", "error": str(exc)[:1000]})
+            advance()
+    return summary
+
+
+def partition_paths(settings: Settings, night: date) -> list[Path]:
+    """The deliveries of one night: `<inbox>/<YYYY-MM-DD>/` plus loose files in the inbox."""
+    inbox = settings.inbox
+    if not inbox.is_dir():
+        return []
+    loose = sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+    folder = inbox / night.isoformat()
+    return loose + ([folder] if folder.is_dir() else [])
+
+
+class _progress:
+    """A rich progress bar on a terminal when asked for; a no-op otherwise (Airflow, tests)."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def evaluate(settings: Settings, as_of: date) -> EvaluateSummary:
+    """Run every rule as of that night and upsert the alerts (idempotent)."""
+    raise NotImplementedError
+
+
+def notify(settings: Settings, night: date) -> NotifySummary:
+    """Queue tonight's digests in the outbox and send whatever the outbox holds."""
+    raise NotImplementedError
+
+
+def nightly(settings: Settings, as_of: date) -> dict:
+    """The whole night as the DAGs run it: ingest the night's partition, evaluate, notify."""
+    raise NotImplementedError

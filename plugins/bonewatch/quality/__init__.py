@@ -1,0 +1,1 @@
+"""Data-quality expectations (Great Expectations Core 1.x), built in code."""
