@@ -141,7 +141,7 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
             failed += validation.failed
             if validation.bad_rows:
                 flagged = rows.index.isin(list(validation.bad_rows))
-                raw = chunk.frame.loc[rows.index[flagged], columns].astype("string").fillna("").agg(",".join, axis=1)
+                raw = feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns)
                 rejected = pd.concat([rejected, pd.DataFrame({
                     "line": rows.index[flagged].astype("int64"),
                     "reason": [validation.bad_rows[i] for i in rows.index[flagged]],
@@ -247,16 +247,64 @@ class _progress:
             self._bar.stop()
 
 
+
+# --------------------------------------------------------------------------------------------
+# evaluate, notify, nightly
+
+
 def evaluate(settings: Settings, as_of: date) -> EvaluateSummary:
     """Run every rule as of that night and upsert the alerts (idempotent)."""
-    raise NotImplementedError
+    from bonewatch import rules
+    from bonewatch.store import alerts, reads
+
+    engine = engine_for(settings)
+    with engine.connect() as conn:
+        labs, events = reads.load_history(conn, as_of)
+    findings = rules.evaluate(labs, events, as_of, settings)
+    with engine.begin() as conn:
+        new, resolved = alerts.sync_findings(conn, findings, as_of)
+    by_rule: dict[str, int] = {}
+    for f in findings:
+        by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+    patients = len(set(labs["patient_id"]) | set(events["patient_id"]))
+    log.info("evaluated %s: %d patients, %d findings, %d new alerts, %d resolved",
+             as_of, patients, len(findings), new, resolved)
+    return EvaluateSummary(as_of.isoformat(), patients, len(findings), new, resolved, dict(sorted(by_rule.items())))
 
 
 def notify(settings: Settings, night: date) -> NotifySummary:
     """Queue tonight's digests in the outbox and send whatever the outbox holds."""
-    raise NotImplementedError
+    from bonewatch.notify import outbox
+
+    engine = engine_for(settings)
+    queued = outbox.queue_digests(engine, settings, night)
+    result = outbox.flush(engine, settings)
+    summary = NotifySummary(queued=queued, sent=result.sent, failed=result.failed,
+                            alerts_notified=result.alerts_notified, errors=list(result.errors))
+    log.info("notify %s: %d queued, %d sent, %d failed", night, queued, summary.sent, summary.failed)
+    return summary
 
 
 def nightly(settings: Settings, as_of: date) -> dict:
     """The whole night as the DAGs run it: ingest the night's partition, evaluate, notify."""
-    raise NotImplementedError
+    from bonewatch.store import tables
+
+    engine = engine_for(settings)
+    started = _now()
+    ingested = ingest(settings, partition_paths(settings, as_of), partition=as_of.isoformat())
+    evaluated = evaluate(settings, as_of)
+    notified = notify(settings, as_of)
+    result = {"night": as_of.isoformat(), "ingest": ingested.as_dict(), "evaluate": evaluated.as_dict(),
+              "notify": notified.as_dict()}
+    status = "ok" if not (ingested.failed_files or notified.failed) else "failures"
+    from bonewatch.store.writes import _insert
+
+    with engine.begin() as conn:
+        stmt = _insert(conn, tables.runs)
+        stmt = stmt.on_conflict_do_update(index_elements=["run_key"], set_={
+            "started_at": stmt.excluded.started_at, "finished_at": stmt.excluded.finished_at,
+            "status": stmt.excluded.status, "summary": stmt.excluded.summary})
+        conn.execute(stmt, [{"run_key": f"nightly:{as_of.isoformat()}", "kind": "nightly", "night": as_of,
+                             "started_at": started, "finished_at": _now(), "status": status,
+                             "summary": json.dumps(result, sort_keys=True)}])
+    return result

@@ -40,14 +40,17 @@ class Parsed:
     rejected: pd.DataFrame    # columns: line, reason, raw
 
 
-def _raw_text(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+def raw_text(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """The row as it was sent (for quarantine), rebuilt from its fields."""
+    if frame.empty:
+        return pd.Series([], index=frame.index, dtype="object")
     return frame[columns].astype("string").fillna("").agg(",".join, axis=1)
 
 
 def _split(frame: pd.DataFrame, reasons: pd.Series, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     bad = reasons != ""
     rejected = pd.DataFrame({"line": frame.index[bad].astype("int64"), "reason": reasons[bad].to_numpy(),
-                             "raw": _raw_text(frame[bad], columns).to_numpy()})
+                             "raw": raw_text(frame[bad], columns).to_numpy()})
     return frame[~bad], rejected
 
 

@@ -1,0 +1,76 @@
+"""Alert lifecycle in the store: findings of a night -> alerts keyed on (patient, rule, episode).
+
+open -> notified -> acknowledged -> resolved. A finding seen again is the same alert (no new
+email); an alert whose condition is gone as of the night is resolved; a resolved alert found again
+on a later night is reopened (the condition recurred).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+
+import pandas as pd
+from sqlalchemy import Connection, bindparam, select, update
+
+from bonewatch.model import Finding
+from bonewatch.store.tables import alerts
+from bonewatch.store.writes import _insert
+
+
+def sync_findings(conn: Connection, findings: list[Finding], as_of: date) -> tuple[int, int]:
+    """Upsert tonight's findings; resolve what cleared. Returns (new alerts, resolved alerts)."""
+    c = alerts.c
+    existing = pd.read_sql(select(c.alert_id, c.status, c.raised_on, c.last_seen_on, c.resolved_on), conn)
+    existing = existing.set_index("alert_id")
+    found = {f.alert_id: f for f in findings}
+    new_rows, seen_rows, reopen_rows = [], [], []
+    for alert_id, f in found.items():
+        payload = {"b_id": alert_id, "rule_version": f.rule_version, "severity": f.severity.value,
+                   "action": f.action, "citation": f.citation,
+                   "evidence": json.dumps(f.evidence, sort_keys=True, default=str)}
+        if alert_id not in existing.index:
+            new_rows.append({"alert_id": alert_id, "patient_id": f.patient_id, "rule": f.rule,
+                             "rule_version": f.rule_version, "severity": f.severity.value, "episode": f.episode,
+                             "observed_on": f.observed_on, "raised_on": as_of, "last_seen_on": as_of,
+                             "resolved_on": None, "action": f.action, "citation": f.citation,
+                             "evidence": payload["evidence"], "status": "open"})
+            continue
+        row = existing.loc[alert_id]
+        if row["status"] == "resolved":
+            if row["resolved_on"] is not None and pd.Timestamp(as_of) > pd.Timestamp(row["resolved_on"]):
+                reopen_rows.append({**payload, "b_seen": as_of})
+            continue
+        seen_rows.append({**payload, "b_seen": max(as_of, pd.Timestamp(row["last_seen_on"]).date()),
+                          "b_raised": min(as_of, pd.Timestamp(row["raised_on"]).date())})
+    if new_rows:
+        conn.execute(_insert(conn, alerts).on_conflict_do_nothing(index_elements=["alert_id"]), new_rows)
+    common = {"rule_version": bindparam("rule_version"), "severity": bindparam("severity"),
+              "action": bindparam("action"), "citation": bindparam("citation"), "evidence": bindparam("evidence")}
+    if seen_rows:
+        conn.execute(update(alerts).where(c.alert_id == bindparam("b_id"))
+                     .values(**common, last_seen_on=bindparam("b_seen"), raised_on=bindparam("b_raised")),
+                     seen_rows)
+    if reopen_rows:
+        conn.execute(update(alerts).where(c.alert_id == bindparam("b_id"))
+                     .values(**common, last_seen_on=bindparam("b_seen"), raised_on=bindparam("b_seen"),
+                             resolved_on=None, status="open", notified_at=None,
+                             acknowledged_by=None, acknowledged_at=None),
+                     reopen_rows)
+    unresolved = existing[(existing["status"] != "resolved")]
+    cleared = [a for a in unresolved.index
+               if a not in found and pd.Timestamp(unresolved.loc[a, "raised_on"]) <= pd.Timestamp(as_of)]
+    if cleared:
+        conn.execute(update(alerts).where(c.alert_id.in_(cleared)).values(status="resolved", resolved_on=as_of))
+    return len(new_rows) + len(reopen_rows), len(cleared)
+
+
+def acknowledge(conn: Connection, alert_id: str, by: str, at: datetime) -> str:
+    """Mark an alert acknowledged; returns its previous status ('' when there is no such alert)."""
+    status = conn.execute(select(alerts.c.status).where(alerts.c.alert_id == alert_id)).scalar()
+    if status is None:
+        return ""
+    if status in ("open", "notified"):
+        conn.execute(update(alerts).where(alerts.c.alert_id == alert_id)
+                     .values(status="acknowledged", acknowledged_by=by, acknowledged_at=at))
+    return status
