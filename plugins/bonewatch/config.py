@@ -190,3 +190,12 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"configuration key {key}: {first['msg']}") from None
+
+
+def with_overrides(settings: Settings, **dotted: Any) -> Settings:
+    """A copy with some values replaced, keys written `section__key` (e.g. smtp__port=2525)."""
+    document = settings.model_dump()
+    for name, value in dotted.items():
+        section, key = name.split("__", 1)
+        document[section][key] = value
+    return Settings.model_validate(document)

@@ -101,7 +101,7 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=16), nullable=False, comment='digest | data_team'),
     sa.Column('alert_ids', sa.Text(), nullable=False, comment='JSON list'),
     sa.Column('subject', sa.Text(), nullable=False),
-    sa.Column('status', sa.String(length=16), nullable=False, comment='pending | sent'),
+    sa.Column('status', sa.String(length=16), nullable=False, comment='pending | sent | cancelled'),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),

@@ -74,3 +74,27 @@ def acknowledge(conn: Connection, alert_id: str, by: str, at: datetime) -> str:
         conn.execute(update(alerts).where(alerts.c.alert_id == alert_id)
                      .values(status="acknowledged", acknowledged_by=by, acknowledged_at=at))
     return status
+
+
+LISTED = ["alert_id", "patient_id", "rule", "rule_version", "severity", "raised_on", "action", "evidence",
+          "status", "episode", "observed_on", "last_seen_on", "resolved_on", "citation", "notified_at",
+          "acknowledged_by", "acknowledged_at"]
+
+
+def list_alerts(conn: Connection, statuses: list[str] | None = None) -> list[dict]:
+    """Alerts as dicts (evidence parsed), urgent first, then by night and patient."""
+    query = select(*[alerts.c[name] for name in LISTED])
+    if statuses:
+        query = query.where(alerts.c.status.in_(statuses))
+    rank = {"high": 0, "medium": 1, "info": 2}
+    rows = [dict(r._mapping) for r in conn.execute(query)]
+    for row in rows:
+        row["evidence"] = json.loads(row["evidence"])
+    return sorted(rows, key=lambda r: (rank.get(r["severity"], 9), str(r["raised_on"]), r["patient_id"], r["rule"]))
+
+
+def latest_night(conn: Connection) -> date | None:
+    from sqlalchemy import func
+
+    value = conn.execute(select(func.max(alerts.c.last_seen_on))).scalar()
+    return None if value is None else pd.Timestamp(value).date()

@@ -124,7 +124,7 @@ outbox = Table(
     Column("kind", String(16), nullable=False, comment="digest | data_team"),
     Column("alert_ids", Text, nullable=False, comment="JSON list"),
     Column("subject", Text, nullable=False),
-    Column("status", String(16), nullable=False, comment="pending | sent"),
+    Column("status", String(16), nullable=False, comment="pending | sent | cancelled"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Column("created_at", DateTime, nullable=False),

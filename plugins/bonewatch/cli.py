@@ -1,0 +1,279 @@
+"""The `bonewatch` command line (SPEC section 7).
+
+Errors are one plain line on stderr (exit 1 for a run that finished with failures, 2 for bad
+usage); `--debug` shows the traceback. No patient identifier is ever logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import date
+from pathlib import Path
+
+import click
+
+from bonewatch.errors import BonewatchError
+
+log = logging.getLogger("bonewatch")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("great_expectations", "alembic", "mail.log", "yagmail", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(ctx: click.Context):
+    from bonewatch.config import load_settings
+
+    if ctx.obj.get("settings") is None:
+        ctx.obj["settings"] = load_settings(ctx.obj.get("config"))
+    return ctx.obj["settings"]
+
+
+class _Date(click.ParamType):
+    name = "YYYY-MM-DD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, date):
+            return value
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a date like 2025-06-30", param, ctx)
+
+
+DATE = _Date()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", type=click.Path(dir_okay=False), envvar="BONEWATCH_CONFIG",
+              help="Configuration file (TOML). Default: the packaged default.toml.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+@click.version_option(package_name="bonewatch")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> None:
+    """bonewatch: nightly lab monitoring and alerting for myeloma patients on bone-modifying
+    agents (zoledronic acid, pamidronate, denosumab).
+
+    \b
+    A typical night:
+      bonewatch db upgrade                  create or migrate the store
+      bonewatch ingest inbox/2025-06-30     load the night's lab and event files
+      bonewatch evaluate --as-of 2025-06-30 run every rule as of that night
+      bonewatch notify                      email the digests the outbox holds
+    or all of it at once: bonewatch nightly --as-of 2025-06-30
+
+    The store is BONEWATCH_DATABASE_URL (default: SQLite under the data folder).
+    Try `bonewatch demo` to see the whole pipeline on a synthetic cohort.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(config=config, debug=debug)
+    _setup_logging(verbose)
+
+
+@cli.group()
+def db() -> None:
+    """Manage the store (SQLite or PostgreSQL)."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create the store, or migrate it to the newest schema (Alembic)."""
+    from bonewatch import pipeline
+    from bonewatch.store import db as store_db
+
+    settings = _settings(ctx)
+    engine = pipeline.engine_for(settings, migrate=True)
+    click.echo(f"store at revision {store_db.head_revision(engine)} ({engine.url.render_as_string(hide_password=True)})")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--partition", help="Night the files belong to (YYYY-MM-DD), for the ledger.")
+@click.pass_context
+def ingest(ctx: click.Context, paths: tuple[str, ...], partition: str | None) -> None:
+    """Load lab-result and clinical-event files or folders.
+
+    Bad rows go to quarantine with a reason and the good rows of the same file are kept; a file
+    that cannot be read is reported with its name and line, and the exit code is 1. A file
+    already ingested (same bytes) is skipped.
+    """
+    from bonewatch import pipeline
+
+    summary = pipeline.ingest(_settings(ctx), paths, partition=partition, progress=sys.stderr.isatty())
+    click.echo(f"{summary.files} file(s): {summary.accepted} rows accepted, {summary.quarantined} quarantined"
+               + (f", {summary.skipped_files} already ingested" if summary.skipped_files else "")
+               + (f", {summary.failed_files} unreadable" if summary.failed_files else ""))
+    for error in summary.errors:
+        click.echo(f"error: {error}", err=True)
+    ctx.exit(1 if summary.failed_files else 0)
+
+
+@cli.command()
+@click.option("--as-of", "as_of", type=DATE, required=True, help="The night to evaluate (YYYY-MM-DD).")
+@click.pass_context
+def evaluate(ctx: click.Context, as_of: date) -> None:
+    """Run every rule as of a night and update the alerts. Running it twice changes nothing."""
+    from bonewatch import pipeline
+
+    summary = pipeline.evaluate(_settings(ctx), as_of)
+    rules = ", ".join(f"{rule} {n}" for rule, n in summary.by_rule.items()) or "none"
+    click.echo(f"{as_of}: {summary.patients} patients, {summary.findings} findings ({rules}); "
+               f"{summary.new_alerts} new alert(s), {summary.resolved_alerts} resolved")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--status", multiple=True, type=click.Choice(["open", "notified", "acknowledged", "resolved"]),
+              help="Only these statuses (repeatable). Default: every status.")
+@click.pass_context
+def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
+    """List alerts. JSON is one object a line."""
+    from bonewatch import pipeline
+    from bonewatch.store import alerts as store_alerts
+
+    engine = pipeline.engine_for(_settings(ctx))
+    with engine.connect() as conn:
+        rows = store_alerts.list_alerts(conn, list(status))
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps(row, sort_keys=True, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} alert(s)")
+    for column in ("alert_id", "patient_id", "rule", "severity", "raised_on", "status", "summary"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["alert_id"], row["patient_id"], row["rule"], row["severity"], str(row["raised_on"]),
+                      row["status"], str(row["evidence"].get("summary", "")))
+    Console(width=160).print(table)
+
+
+@cli.command()
+@click.option("--night", type=DATE, help="Night whose digests to queue (default: the latest evaluated night).")
+@click.pass_context
+def notify(ctx: click.Context, night: date | None) -> None:
+    """Queue the digests of new alerts and send what the outbox holds (SMTP)."""
+    from bonewatch import pipeline
+    from bonewatch.store import alerts as store_alerts
+
+    settings = _settings(ctx)
+    if night is None:
+        with pipeline.engine_for(settings).connect() as conn:
+            night = store_alerts.latest_night(conn)
+    if night is None:
+        click.echo("nothing to send: no night has been evaluated")
+        return
+    summary = pipeline.notify(settings, night)
+    click.echo(f"{summary.sent} message(s) sent, {summary.failed} left pending, "
+               f"{summary.alerts_notified} alert(s) notified")
+    for error in summary.errors:
+        click.echo(f"error: {error}", err=True)
+    ctx.exit(1 if summary.failed else 0)
+
+
+@cli.command()
+@click.argument("alert_id")
+@click.option("--by", "by", required=True, help="Who acknowledges (name or initials).")
+@click.pass_context
+def ack(ctx: click.Context, alert_id: str, by: str) -> None:
+    """Acknowledge an alert: it will not be re-sent."""
+    from bonewatch import pipeline
+    from bonewatch.errors import NotFound
+    from bonewatch.store import alerts as store_alerts
+
+    engine = pipeline.engine_for(_settings(ctx))
+    with engine.begin() as conn:
+        previous = store_alerts.acknowledge(conn, alert_id, by, pipeline._now())
+    if not previous:
+        raise NotFound(f"no alert {alert_id}")
+    click.echo(f"{alert_id} acknowledged by {by}" if previous in ("open", "notified")
+               else f"{alert_id} was already {previous}")
+
+
+@cli.command()
+@click.option("--as-of", "as_of", type=DATE, required=True, help="The night to run (YYYY-MM-DD).")
+@click.pass_context
+def nightly(ctx: click.Context, as_of: date) -> None:
+    """The whole nightly run, as the Airflow DAGs run it: ingest `<inbox>/<night>/`, evaluate, notify."""
+    from bonewatch import pipeline
+
+    result = pipeline.nightly(_settings(ctx), as_of)
+    i, e, n = result["ingest"], result["evaluate"], result["notify"]
+    click.echo(f"{as_of}: ingested {i['accepted']} rows ({i['quarantined']} quarantined); "
+               f"{e['findings']} findings, {e['new_alerts']} new alert(s); {n['sent']} email(s) sent")
+    for error in i["errors"] + n["errors"]:
+        click.echo(f"error: {error}", err=True)
+    ctx.exit(1 if i["failed_files"] or n["failed"] else 0)
+
+
+@cli.command()
+@click.option("--patients", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write the feeds into.")
+@click.option("--last-night", type=DATE, default="2025-06-30", show_default=True)
+@click.option("--nights", type=click.IntRange(1), default=30, show_default=True)
+def synth(patients: int, seed: int, out: str, last_night: date, nights: int) -> None:
+    """Write a synthetic cohort (history + one inbox folder a night) and expected_alerts.jsonl,
+    the ground truth the generator planted."""
+    from bonewatch import synth as generator
+
+    manifest = generator.generate(Path(out), patients=patients, seed=seed, last_night=last_night, nights=nights)
+    click.echo(f"wrote {manifest['patients']} patients, nights {manifest['first_night']}..{manifest['last_night']}, "
+               f"to {out}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), help="Demo folder (default: <data dir>/demo).")
+@click.option("--patients", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--nights", type=click.IntRange(1), default=30, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, out: str | None, patients: int, nights: int) -> None:
+    """A synthetic cohort through the whole pipeline on SQLite, emails caught by a local SMTP
+    server; prints where to look."""
+    from bonewatch import demo as demo_run
+
+    settings = _settings(ctx)
+    folder = Path(out) if out else settings.data_dir / "demo"
+    report = demo_run.run(settings, folder, patients=patients, nights=nights, progress=sys.stderr.isatty())
+    for line in report:
+        click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one plain line on error, the traceback only with --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="bonewatch", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except BonewatchError as exc:
+        if debug:
+            raise
+        click.echo(f"bonewatch: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # an unexpected failure still gets one line, unless --debug
+        if debug:
+            raise
+        click.echo(f"bonewatch: unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                   " (run with --debug for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

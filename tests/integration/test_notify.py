@@ -1,0 +1,461 @@
+"""The notification shell against a real SMTP server (aiosmtpd) and both stores: one digest per
+recipient per night, urgent first; the outbox marks alerts notified only after the server
+accepted; an outage or a refusal delays, never loses or duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from datetime import date
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from bonewatch.config import Settings, load_settings
+from bonewatch.errors import AlertDeliveryError
+from bonewatch.model import alert_id
+from bonewatch.notify.outbox import flush, message_id_for, queue_digests, recipients_for
+from bonewatch.notify.render import DISCLAIMER, render_digest
+from bonewatch.notify.send import send_message
+from bonewatch.store.tables import alerts, outbox
+
+NIGHT = date(2025, 6, 5)
+NURSES = "oncology-nurses@hospital.example"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+# Read at import: the autouse clean_env fixture removes every BONEWATCH_* variable before a test.
+REGEN_GOLDEN = os.environ.get("BONEWATCH_REGEN_GOLDEN") == "1"
+
+RENAL_SUMMARY = ("SCr 1.40 mg/dL on 2025-06-05 is 0.50 above the renal baseline 0.90 mg/dL "
+                 "(2025-04-01)")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+def _alert(patient_id: str, rule: str, severity: str, *, evidence: dict | None = None,
+           episode: str = "2025-06-05", status: str = "open", observed_on: date = NIGHT) -> dict:
+    """An alerts-table row as the evaluate step would write it."""
+    return {
+        "alert_id": alert_id(patient_id, rule, episode),
+        "patient_id": patient_id,
+        "rule": rule,
+        "rule_version": "1",
+        "severity": severity,
+        "episode": episode,
+        "observed_on": observed_on,
+        "raised_on": observed_on,
+        "last_seen_on": observed_on,
+        "resolved_on": None,
+        "action": ACTIONS[rule],
+        "citation": CITATIONS[rule],
+        "evidence": json.dumps(evidence or {}),
+        "status": status,
+        "notified_at": None,
+        "acknowledged_by": None,
+        "acknowledged_at": None,
+    }
+
+
+ACTIONS = {
+    "RENAL_HOLD": "Hold the bisphosphonate. Recheck serum creatinine before the next dose.",
+    "REVIEW_1Y": "1-year bisphosphonate review: consider stopping if CR/VGPR (or sCR) and no "
+                 "active bone disease; otherwise continue.",
+    "ALP_RISE_BORTEZOMIB": "Informational: ALP rose with bortezomib, a sign of osteoblastic "
+                           "activation. No change needed for this alone.",
+    "DENTAL_EXAM_MISSING": "Dental examination before bisphosphonate or denosumab therapy.",
+}
+CITATIONS = {
+    "RENAL_HOLD": "Zoledronic acid label (US PI 2.2; EU SmPC 4.2 for the 1.4 mg/dL cut-off)",
+    "REVIEW_1Y": "IMWG 2021 bone-disease update",
+    "ALP_RISE_BORTEZOMIB": "Zangari M et al., Am J Hematol 2007",
+    "DENTAL_EXAM_MISSING": "Seed guideline summary, 'Monitoring requirements'",
+}
+
+
+def _cohort() -> list[dict]:
+    """Three patients: one with info only, one with an urgent and a review alert, one review."""
+    return [
+        _alert("000777", "ALP_RISE_BORTEZOMIB", "info", evidence={
+            "summary": "ALP 170 U/L on 2025-05-20 (day 40) is 30.8% above the ALP baseline "
+                       "130 U/L (2025-04-10)",
+            "values": [{"analyte": "alp", "value": 170.0, "unit": "U/L", "date": "2025-05-20"}],
+        }),
+        _alert("000123", "REVIEW_1Y", "medium", evidence={
+            "summary": "Zoledronic acid course started 2024-06-05: 12 months today",
+            "response": {"value": "VGPR", "date": "2025-05-01"},
+            "bone_disease": {"value": "none", "date": "2025-05-01"},
+        }),
+        _alert("000123", "RENAL_HOLD", "high", evidence={
+            "summary": RENAL_SUMMARY,
+            "values": [{"analyte": "creatinine", "value": 1.4, "unit": "mg/dL",
+                        "date": "2025-06-05"}],
+            "baseline": {"value": 0.9, "unit": "mg/dL", "date": "2025-04-01",
+                         "chosen_by": "last SCr within 30 days before the first dose"},
+            "missing": [],
+        }),
+        _alert("000456", "DENTAL_EXAM_MISSING", "medium", evidence={
+            "summary": "First denosumab dose 2025-06-03 with no dental examination since "
+                       "2024-12-03",
+        }),
+    ]
+
+
+def _insert(engine, *rows: dict) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(alerts), list(rows))
+
+
+def _config(*, recipients: list[str] | None = None, phi_minimal: bool | None = None) -> Settings:
+    """Settings reloaded after `mailbox` set BONEWATCH_SMTP_*, with optional overrides."""
+    cfg = load_settings()
+    if recipients is not None:
+        cfg = cfg.model_copy(update={
+            "recipients": cfg.recipients.model_copy(update={"default": recipients})})
+    if phi_minimal is not None:
+        cfg = cfg.model_copy(update={"site": cfg.site.model_copy(
+            update={"phi_minimal": phi_minimal, "ack_base_url": "https://bonewatch.hospital.example"})})
+    return cfg
+
+
+def _outbox_rows(engine) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(outbox).order_by(outbox.c.recipient, outbox.c.night)).mappings()]
+
+
+def _alert_rows(engine) -> dict[str, dict]:
+    with engine.connect() as conn:
+        return {r["alert_id"]: dict(r) for r in conn.execute(select(alerts)).mappings()}
+
+
+def _parts(message) -> tuple[str, str]:
+    return (message.get_body(("plain",)).get_content(),
+            message.get_body(("html",)).get_content())
+
+
+def _closed_port() -> int:
+    """A localhost port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- one digest a recipient a night ----------------------------------------------------------
+
+def test_one_digest_per_recipient_grouped_urgent_first(engine, mailbox):
+    cfg = _config()
+    rows = _cohort()
+    _insert(engine, *rows)
+
+    assert queue_digests(engine, cfg, NIGHT) == 1
+    result = flush(engine, cfg)
+
+    assert (result.sent, result.failed, result.alerts_notified) == (1, 0, 4)
+    assert len(mailbox.messages) == 1
+    message = mailbox.messages[0]
+    assert mailbox.envelopes[0] == (cfg.smtp.sender, [NURSES])
+    assert message["To"] == NURSES
+    assert message["Subject"] == ("bonewatch: 4 alerts for 3 patients, 1 urgent \N{EM DASH} "
+                                  "night of 2025-06-05")
+    assert message.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in message.iter_parts()] == ["text/plain", "text/html"]
+    assert message["Message-ID"] == message_id_for(NURSES, NIGHT)
+    assert re.fullmatch(r"<bonewatch\.digest\.2025-06-05\.[0-9a-f]{12}@bonewatch>",
+                        message["Message-ID"])
+
+    text, html = _parts(message)
+    for part in (text, html):
+        # urgent patient first, then the review-only patient, then information only
+        assert part.index("MRN 000123") < part.index("MRN 000456") < part.index("MRN 000777")
+        # inside a patient: by severity
+        assert part.index("RENAL_HOLD") < part.index("REVIEW_1Y")
+        assert DISCLAIMER in part
+        assert "0.90 mg/dL (2025-04-01)" in part
+        assert CITATIONS["RENAL_HOLD"].split(" (")[0] in part
+    renal = next(r for r in rows if r["rule"] == "RENAL_HOLD")
+    assert f"bonewatch ack {renal['alert_id']} --by <your name>" in text
+    assert f"bonewatch ack {renal['alert_id']} --by &lt;your name&gt;" in html
+    assert "RENAL_HOLD v1" in text and "URGENT (high)" in text
+    assert text.index("URGENT") < text.index("Do:") < text.index("Why:") < text.index("Ack:")
+    assert "<img" not in html and "http" not in html  # nothing loads from outside
+
+    box = _outbox_rows(engine)
+    assert len(box) == 1
+    assert box[0]["status"] == "sent" and box[0]["attempts"] == 1 and box[0]["sent_at"]
+    assert box[0]["message_id"] == message["Message-ID"]
+    assert sorted(json.loads(box[0]["alert_ids"])) == sorted(r["alert_id"] for r in rows)
+    states = _alert_rows(engine)
+    assert {a["status"] for a in states.values()} == {"notified"}
+    assert all(a["notified_at"] is not None for a in states.values())
+
+
+def test_rerun_sends_nothing_more(engine, mailbox):
+    cfg = _config()
+    _insert(engine, *_cohort())
+    queue_digests(engine, cfg, NIGHT)
+    flush(engine, cfg)
+    notified_at = {k: a["notified_at"] for k, a in _alert_rows(engine).items()}
+
+    assert queue_digests(engine, cfg, NIGHT) == 0
+    again = flush(engine, cfg)
+    assert queue_digests(engine, cfg, date(2025, 6, 6)) == 0     # the next night, nothing new
+    assert (again.sent, again.failed, again.alerts_notified) == (0, 0, 0)
+    assert flush(engine, cfg).sent == 0
+    assert len(mailbox.messages) == 1
+    assert len(_outbox_rows(engine)) == 1
+    assert {k: a["notified_at"] for k, a in _alert_rows(engine).items()} == notified_at
+
+
+def test_next_night_digest_holds_only_the_new_alert(engine, mailbox):
+    cfg = _config()
+    _insert(engine, *_cohort())
+    queue_digests(engine, cfg, NIGHT)
+    flush(engine, cfg)
+
+    later = _alert("000999", "RENAL_HOLD", "high", observed_on=date(2025, 6, 6),
+                   evidence={"summary": "SCr 2.60 mg/dL on 2025-06-06 is 1.10 above the renal "
+                                        "baseline 1.50 mg/dL (2025-05-01)"})
+    _insert(engine, later)
+    assert queue_digests(engine, cfg, date(2025, 6, 6)) == 1
+    assert flush(engine, cfg).sent == 1
+
+    assert len(mailbox.messages) == 2
+    second = mailbox.messages[1]
+    assert second["Message-ID"] == message_id_for(NURSES, date(2025, 6, 6))
+    assert second["Message-ID"] != mailbox.messages[0]["Message-ID"]
+    text, _ = _parts(second)
+    assert "MRN 000999" in text and "MRN 000123" not in text
+    assert second["Subject"].startswith("bonewatch: 1 alert for 1 patient, 1 urgent")
+
+
+def test_reopened_alert_reaches_the_nurses_again(engine, mailbox):
+    """evaluate reopens a resolved alert under the same id (status open, notified_at cleared)."""
+    cfg = _config()
+    row = _cohort()[2]
+    _insert(engine, row)
+    queue_digests(engine, cfg, NIGHT)
+    flush(engine, cfg)
+    with engine.begin() as conn:
+        conn.execute(update(alerts).values(status="open", notified_at=None))
+
+    assert queue_digests(engine, cfg, date(2025, 6, 9)) == 1
+    result = flush(engine, cfg)
+    assert (result.sent, result.alerts_notified) == (1, 1)
+    assert [m["Message-ID"] for m in mailbox.messages] == [
+        message_id_for(NURSES, NIGHT), message_id_for(NURSES, date(2025, 6, 9))]
+
+
+def test_alerts_found_later_the_same_night_extend_the_pending_digest(engine, mailbox):
+    cfg = _config()
+    first, *rest = _cohort()
+    _insert(engine, first)
+    assert queue_digests(engine, cfg, NIGHT) == 1
+    _insert(engine, *rest)
+    assert queue_digests(engine, cfg, NIGHT) == 1          # extended, not a second row
+    box = _outbox_rows(engine)
+    assert len(box) == 1 and len(json.loads(box[0]["alert_ids"])) == 4
+    assert "4 alerts for 3 patients" in box[0]["subject"]
+
+    assert flush(engine, cfg).sent == 1
+    assert len(mailbox.messages) == 1
+
+    # After that night's digest went out, a late alert for the same night gets a follow-up.
+    late = _alert("000888", "DENTAL_EXAM_MISSING", "medium",
+                  evidence={"summary": "First zoledronic acid dose 2025-06-05, no dental exam"})
+    _insert(engine, late)
+    assert queue_digests(engine, cfg, NIGHT) == 1
+    assert flush(engine, cfg).sent == 1
+    assert mailbox.messages[1]["Message-ID"] == message_id_for(NURSES, NIGHT, seq=2)
+    assert "MRN 000888" in _parts(mailbox.messages[1])[0]
+
+
+def test_flush_renders_current_evidence_and_skips_acknowledged(engine, mailbox):
+    cfg = _config()
+    rows = _cohort()
+    _insert(engine, *rows)
+    queue_digests(engine, cfg, NIGHT)
+    renal, info = (next(r for r in rows if r["rule"] == rule)
+                   for rule in ("RENAL_HOLD", "ALP_RISE_BORTEZOMIB"))
+    with engine.begin() as conn:
+        conn.execute(update(alerts).where(alerts.c.alert_id == renal["alert_id"]).values(
+            evidence=json.dumps({"summary": "SCr 1.60 mg/dL on 2025-06-05 (corrected result)"})))
+        conn.execute(update(alerts).where(alerts.c.alert_id == info["alert_id"]).values(
+            status="acknowledged", acknowledged_by="R. Nurse"))
+
+    result = flush(engine, cfg)
+    assert (result.sent, result.alerts_notified) == (1, 3)
+    text, _ = _parts(mailbox.messages[0])
+    assert "SCr 1.60 mg/dL on 2025-06-05 (corrected result)" in text
+    assert RENAL_SUMMARY not in text
+    assert "MRN 000777" not in text
+    assert mailbox.messages[0]["Subject"].startswith("bonewatch: 3 alerts for 2 patients")
+    assert _alert_rows(engine)[info["alert_id"]]["status"] == "acknowledged"
+
+
+def test_digest_with_nothing_left_to_say_is_cancelled_not_sent(engine, mailbox):
+    cfg = _config()
+    row = _cohort()[0]
+    _insert(engine, row)
+    queue_digests(engine, cfg, NIGHT)
+    with engine.begin() as conn:
+        conn.execute(update(alerts).values(status="resolved", resolved_on=NIGHT))
+
+    result = flush(engine, cfg)
+    assert (result.sent, result.failed, result.cancelled) == (0, 0, 1)
+    assert mailbox.messages == []
+    assert _outbox_rows(engine)[0]["status"] == "cancelled"
+    assert flush(engine, cfg).cancelled == 0
+
+    # reopened (a new finding on the same episode): it has not reached anyone yet, so it goes out
+    with engine.begin() as conn:
+        conn.execute(update(alerts).values(status="open", resolved_on=None))
+    assert queue_digests(engine, cfg, date(2025, 6, 6)) == 1
+    assert flush(engine, cfg).sent == 1
+    assert len(mailbox.messages) == 1
+
+
+# ---- outages and refusals -------------------------------------------------------------------
+
+def test_smtp_outage_delays_then_delivers_exactly_once(engine, mailbox, monkeypatch):
+    rows = _cohort()
+    _insert(engine, *rows)
+    queue_digests(engine, _config(), NIGHT)
+    queued_id = _outbox_rows(engine)[0]["message_id"]
+
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(_closed_port()))
+    down = _config()
+    for attempt in (1, 2):
+        result = flush(engine, down)
+        assert (result.sent, result.failed, result.alerts_notified) == (0, 1, 0)
+        assert len(result.errors) == 1 and "\n" not in result.errors[0]
+        assert not any(r["patient_id"] in result.errors[0] for r in rows)
+        row = _outbox_rows(engine)[0]
+        assert (row["status"], row["attempts"], row["sent_at"]) == ("pending", attempt, None)
+        assert "refused the connection" in row["last_error"]
+        states = _alert_rows(engine).values()
+        assert {a["status"] for a in states} == {"open"}
+        assert all(a["notified_at"] is None for a in states)
+    # the outage night's queue run again changes nothing
+    assert queue_digests(engine, down, NIGHT) == 0
+    assert mailbox.messages == []
+
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(mailbox.port))
+    up = _config()
+    result = flush(engine, up)
+    assert (result.sent, result.failed, result.alerts_notified) == (1, 0, 4)
+    assert flush(engine, up).sent == 0
+    assert len(mailbox.messages) == 1
+    assert mailbox.messages[0]["Message-ID"] == queued_id
+    row = _outbox_rows(engine)[0]
+    assert (row["status"], row["attempts"]) == ("sent", 3)
+    assert {a["status"] for a in _alert_rows(engine).values()} == {"notified"}
+
+
+def test_refused_recipient_stays_pending_while_the_other_is_delivered(engine, mailbox):
+    refused, fine = "ward-b@hospital.example", "ward-a@hospital.example"
+    cfg = _config(recipients=[refused, fine])
+    assert recipients_for("000123", cfg) == [refused, fine]
+    _insert(engine, *_cohort())
+    assert queue_digests(engine, cfg, NIGHT) == 2
+    mailbox.refuse(refused)
+
+    result = flush(engine, cfg)
+    assert (result.sent, result.failed) == (1, 1)
+    # one recipient accepted: the alerts have reached a nurse
+    assert result.alerts_notified == 4
+    assert [env[1] for env in mailbox.envelopes] == [[fine]]
+    by_recipient = {r["recipient"]: r for r in _outbox_rows(engine)}
+    assert by_recipient[fine]["status"] == "sent"
+    assert by_recipient[refused]["status"] == "pending"
+    assert "550" in by_recipient[refused]["last_error"]
+    assert refused in result.errors[0] and "550" in result.errors[0]
+
+    # notified alerts are not queued again, but the refused recipient's digest still holds them
+    assert queue_digests(engine, cfg, NIGHT) == 0
+    mailbox.refuse()
+    result = flush(engine, cfg)
+    assert (result.sent, result.failed, result.alerts_notified) == (1, 0, 0)
+    assert sorted(env[1][0] for env in mailbox.envelopes) == sorted([fine, refused])
+    assert flush(engine, cfg).sent == 0
+    assert len(mailbox.messages) == 2
+    text, _ = _parts(mailbox.messages[1])
+    assert "RENAL_HOLD" in text and "MRN 000777" in text
+
+
+def test_send_message_errors_are_one_line(mailbox):
+    cfg = _config()
+    mailbox.refuse("nobody@hospital.example")
+    with pytest.raises(AlertDeliveryError, match=r"refused the recipient: 550") as refused:
+        send_message(cfg.smtp, "nobody@hospital.example", "s", "t", "<p>h</p>", "<x.y@bonewatch>")
+    down = cfg.smtp.model_copy(update={"port": _closed_port()})
+    with pytest.raises(AlertDeliveryError, match="refused the connection") as unreachable:
+        send_message(down, NURSES, "s", "t", "<p>h</p>", "<x.y@bonewatch>")
+    with socket.socket() as silent:   # accepts the connection (backlog), never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        mute = cfg.smtp.model_copy(update={"port": silent.getsockname()[1], "timeout_s": 0.5})
+        with pytest.raises(AlertDeliveryError, match="did not answer within 0.5 s") as timeout:
+            send_message(mute, NURSES, "s", "t", "<p>h</p>", "<x.y@bonewatch>")
+    for exc in (refused.value, unreachable.value, timeout.value):
+        assert "\n" not in str(exc) and exc.__cause__ is None
+    assert mailbox.messages == []
+
+
+# ---- PHI-minimal mode ------------------------------------------------------------------------
+
+def test_phi_minimal_digest_has_mrn_rule_severity_and_link_only(engine, mailbox):
+    cfg = _config(phi_minimal=True)
+    rows = _cohort()
+    _insert(engine, *rows)
+    queue_digests(engine, cfg, NIGHT)
+    assert flush(engine, cfg).sent == 1
+
+    message = mailbox.messages[0]
+    for part in _parts(message):
+        for row in rows:
+            assert f"MRN {row['patient_id']}" in part
+            assert row["rule"] in part
+            assert f"https://bonewatch.hospital.example/alerts/{row['alert_id']}" in part
+            evidence = json.loads(row["evidence"])
+            assert evidence["summary"] not in part
+            assert row["action"] not in part
+        for leaked in ("1.4", "0.9", "mg/dL", "U/L", "2025-04-01", "2025-05-20", "VGPR",
+                       "baseline", "Zoledronic acid label"):
+            assert leaked not in part, leaked
+        assert "URGENT" in part and DISCLAIMER in part
+    assert "2025-04-01" not in message.as_string()
+
+
+# ---- golden files ------------------------------------------------------------------------------
+
+def _golden_settings(phi_minimal: bool) -> Settings:
+    cfg = load_settings()
+    return cfg.model_copy(update={"site": cfg.site.model_copy(update={
+        "name": "Test Hospital oncology", "phi_minimal": phi_minimal,
+        "ack_base_url": "https://bonewatch.hospital.example"})})
+
+
+@pytest.mark.parametrize("name, phi_minimal", [("digest.txt", False),
+                                               ("digest_phi_minimal.txt", True)])
+def test_digest_text_matches_golden(name, phi_minimal):
+    """Set BONEWATCH_REGEN_GOLDEN=1 to rewrite tests/golden/* after an intended change."""
+    digest = render_digest(NURSES, NIGHT, _cohort(), _golden_settings(phi_minimal))
+    path = GOLDEN / name
+    if REGEN_GOLDEN:
+        path.write_text(digest.text, encoding="utf-8")
+    assert digest.text == path.read_text(encoding="utf-8")
+
+
+def test_render_is_pure_and_escapes_html():
+    cfg = _golden_settings(False)
+    row = _alert("<b>7</b>", "RENAL_HOLD", "high",
+                 evidence={"summary": "SCr <script>alert(1)</script> & more"})
+    first = render_digest(NURSES, NIGHT, [row], cfg)
+    assert first == render_digest(NURSES, NIGHT, [dict(row)], cfg)
+    assert "<script>" not in first.html and "&lt;script&gt;" in first.html
+    assert "&lt;b&gt;7&lt;/b&gt;" in first.html
+    assert "SCr <script>alert(1)</script> & more" in first.text   # plain text is not escaped
+    assert first.subject == ("bonewatch: 1 alert for 1 patient, 1 urgent \N{EM DASH} "
+                             "night of 2025-06-05")
