@@ -20,7 +20,7 @@ log = logging.getLogger("bonewatch")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("great_expectations", "alembic", "mail.log", "yagmail", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="bonewatch", standalone_mode=False)
+        code = cli.main(args=args, prog_name="bonewatch", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)   # ctx.exit(n) comes back as a return value
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

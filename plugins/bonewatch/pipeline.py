@@ -203,7 +203,7 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
             except SourceUnreadable as exc:
                 summary.failed_files += 1
                 summary.errors.append(str(exc))
-                log.error("%s", exc)
+                log.warning("%s", exc)
                 with engine.begin() as conn:
                     writes.record_delivery(conn, {
                         "delivery_id": file_digest(path), "feed": "unknown", "file_name": path.name,

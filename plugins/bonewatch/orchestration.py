@@ -1,0 +1,214 @@
+"""Small helpers the Airflow DAGs call: the shared Asset, the schedule's time zone, which night a
+run processes, and the data-team notifications (failed task, late run).
+
+Import cost matters here: the DAG processor imports this module at parse time, so the top level
+only touches the standard library and `airflow.sdk.Asset`. Settings, pandas and the store are
+imported inside the functions that run in tasks or callbacks.
+
+Failure and lateness emails go to the *data team* (`[recipients] data_team`), never to the nurses:
+an operational problem is not a clinical finding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import smtplib
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from airflow.sdk import Asset
+
+log = logging.getLogger(__name__)
+
+#: The raw longitudinal store, updated one night's partition at a time by `bonewatch_ingest`.
+#: Each asset event carries `extra={"partition": "YYYY-MM-DD"}` (the night it loaded).
+RAW_ASSET = Asset(name="bonewatch_raw_labs", uri="bonewatch://raw/labs")
+
+#: The environment variable that sets the zone of the nightly cron. Read at parse time only from
+#: the environment (no file or DB I/O while parsing); keep it equal to `[site] timezone`.
+TIMEZONE_ENV = "BONEWATCH_TIMEZONE"
+
+PARTITION_KEY = "partition"
+
+
+def schedule_timezone(env: Mapping[str, str] | None = None) -> str:
+    """The IANA zone of the nightly schedule: `$BONEWATCH_TIMEZONE`, default "UTC".
+
+    An unknown zone raises ValueError naming the variable, so the DAG file shows an import error
+    in the UI instead of silently running at the wrong hour.
+    """
+    env = os.environ if env is None else env
+    name = env.get(TIMEZONE_ENV, "").strip() or "UTC"
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"{TIMEZONE_ENV}: unknown time zone {name!r}") from exc
+    return name
+
+
+def parse_night(value: Any) -> date:
+    """A night from `YYYY-MM-DD` (or a date); ValueError with the bad value otherwise."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ValueError(f"partition must be YYYY-MM-DD, got {value!r}") from None
+
+
+def night_before(moment: datetime, tz: ZoneInfo) -> date:
+    """The night a run at `moment` processes: the day before its local date in `tz`.
+
+    The 01:30 run on day D loads night D-1 (the deliveries of `<inbox>/<D-1>/`). Converting to the
+    hospital zone first matters: 01:30 in Europe/Berlin is still day D-1 in UTC.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("a timezone-aware datetime is required")
+    return moment.astimezone(tz).date() - timedelta(days=1)
+
+
+def ingest_night(conf: Mapping[str, Any] | None, logical_date: datetime | None,
+                 run_after: datetime | None, tz: ZoneInfo) -> date:
+    """The night an ingest run loads.
+
+    `dag_run.conf["partition"]` wins (a manual re-run of one night); otherwise the night before
+    the run's logical date (scheduled and backfill runs) or, for a manual run without a logical
+    date, before its `run_after`.
+    """
+    if conf and conf.get(PARTITION_KEY):
+        return parse_night(conf[PARTITION_KEY])
+    moment = logical_date or run_after
+    if moment is None:
+        raise ValueError("the run has neither a logical date nor run_after; pass conf partition")
+    return night_before(moment, tz)
+
+
+def monitor_nights(events: Iterable[Any], conf: Mapping[str, Any] | None,
+                   run_after: datetime | None, tz: ZoneInfo) -> list[date]:
+    """The nights a monitor run evaluates, oldest first, without duplicates.
+
+    Normally one: the partition in the extra of the triggering asset event. Several events can
+    arrive in one run (a backfill of the ingest DAG queues events faster than the monitor runs), so
+    every night is kept and evaluated in order. With no events (a manual trigger, or `dag.test()`,
+    which delivers none) `conf["partition"]` is used, and failing that the night before `run_after`.
+    """
+    nights = set()
+    for event in events:
+        extra = getattr(event, "extra", None) or {}
+        if extra.get(PARTITION_KEY):
+            nights.add(parse_night(extra[PARTITION_KEY]))
+    if not nights and conf and conf.get(PARTITION_KEY):
+        nights.add(parse_night(conf[PARTITION_KEY]))
+    if not nights:
+        if run_after is None:
+            raise ValueError("no triggering asset event, no conf partition and no run_after")
+        nights.add(night_before(run_after, tz))
+    return sorted(nights)
+
+
+def failed_deliveries(summary: Mapping[str, Any]) -> str | None:
+    """One line naming the unreadable files of an ingest summary, or None when all were read."""
+    if not summary.get("failed_files"):
+        return None
+    errors = summary.get("errors") or []
+    shown = "; ".join(str(e) for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return f"{summary['failed_files']} file(s) could not be read: {shown}{more}"
+
+
+# ---- data-team notifications -------------------------------------------------------------------
+
+def send_to_data_team(subject: str, body: str, settings=None) -> None:
+    """Email the data team through the configured SMTP server (settings.smtp).
+
+    Plain `smtplib`: this path must work when the rest of bonewatch is what broke.
+    """
+    if settings is None:
+        from bonewatch.config import load_settings
+
+        settings = load_settings()
+    smtp = settings.smtp
+    message = EmailMessage()
+    message["From"] = smtp.sender
+    message["To"] = ", ".join(settings.recipients.data_team)
+    message["Subject"] = subject
+    message.set_content(body)
+    with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s) as client:
+        if smtp.starttls:
+            client.starttls()
+        if smtp.user:
+            client.login(smtp.user, smtp.password)
+        client.send_message(message, to_addrs=list(settings.recipients.data_team))
+
+
+def _one_line(value: Any, limit: int = 500) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
+    """Task `on_failure_callback` (final failure, after the retries): tell the data team.
+
+    Runs in the task's process. Never raises: a broken mail server must not hide the original
+    error in the task log.
+    """
+    ti = context.get("task_instance") or context.get("ti")
+    dag_run = context.get("dag_run")
+    dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
+    task_id = getattr(ti, "task_id", "?")
+    run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", "?")
+    error = context.get("exception")
+    lines = [
+        f"The Airflow task {dag_id}.{task_id} failed after its retries.",
+        "",
+        f"run:      {run_id}",
+        f"try:      {getattr(ti, 'try_number', '?')}",
+        f"logical:  {context.get('logical_date')}",
+        f"conf:     {_one_line(getattr(dag_run, 'conf', None) or {})}",
+        f"error:    {_one_line(type(error).__name__ + ': ' + str(error)) if error else 'unknown'}",
+        "",
+        "Nurses were not notified of this failure. Tonight's alerts may be late or missing until "
+        "the run is repaired and cleared; see the task log in Airflow.",
+    ]
+    try:
+        send_to_data_team(f"[bonewatch] FAILED {dag_id}.{task_id} ({run_id})", "\n".join(lines))
+    except Exception:  # noqa: BLE001 - a callback must not raise
+        log.exception("could not email the data team about the failure of %s.%s", dag_id, task_id)
+
+
+def email_data_team_on_run_failure(context: Mapping[str, Any]) -> None:
+    """DAG `on_failure_callback`: tell the data team about a run that failed *without* a failed
+    task, i.e. a late run stopped by `dagrun_timeout` ("timed_out") or a deadlocked one.
+
+    A task's own failure already sent its email (`email_data_team_on_failure`), so "task_failure"
+    is skipped here: one incident, one email. Runs in the DAG processor. Never raises.
+    """
+    reason = str(context.get("reason") or "")
+    if reason == "task_failure":
+        return
+    dag_run = context.get("dag_run")
+    dag = context.get("dag")
+    dag_id = getattr(dag_run, "dag_id", None) or getattr(dag, "dag_id", "?")
+    run_id = getattr(dag_run, "run_id", "?")
+    timeout = getattr(dag, "dagrun_timeout", None)
+    late = reason == "timed_out"
+    what = f"did not finish within its timeout ({timeout})" if late else f"failed ({reason})"
+    lines = [
+        f"The Airflow run {dag_id} / {run_id} {what}; its unfinished tasks were stopped.",
+        f"started:  {getattr(dag_run, 'start_date', '?')}",
+        f"conf:     {_one_line(getattr(dag_run, 'conf', None) or {})}",
+        "",
+        "Nurses were not notified of this problem. Tonight's alerts may be late or missing until "
+        "the run is repaired and cleared; check the scheduler, the workers and the task logs.",
+    ]
+    try:
+        send_to_data_team(f"[bonewatch] {'LATE' if late else 'FAILED'} {dag_id} ({run_id})",
+                          "\n".join(lines))
+    except Exception:  # noqa: BLE001 - a callback must not raise
+        log.exception("could not email the data team about the run %s", run_id)

@@ -1,0 +1,124 @@
+"""The DAGs folder parses cleanly and every DAG follows the house rules (STYLE section 3):
+dag_id == file name, tags, owner, doc, explicit schedule, catchup off, I/O tasks retry with
+back-off, pure tasks do not, and parsing stays cheap."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.dags.conftest import AIRFLOW_ENV, DAG_IDS, DAGS_FOLDER
+
+pytestmark = pytest.mark.xdist_group("airflow")
+
+# Tasks that touch files, the store or the SMTP server; everything else is pure and must not retry.
+IO_TASKS = {
+    "bonewatch_ingest": {"ingest_partition"},
+    "bonewatch_monitor": {"evaluate_rules", "send_alerts"},
+}
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+
+
+def test_exactly_the_expected_dags(dagbag):
+    assert sorted(dagbag.dag_ids) == sorted(DAG_IDS)
+    assert sorted(p.stem for p in DAGS_FOLDER.glob("*.py")) == sorted(DAG_IDS)
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dag_id_is_file_name(dagbag, dag_id):
+    assert Path(dagbag.dags[dag_id].fileloc).stem == dag_id
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_house_rules(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.tags and "bonewatch" in dag.tags
+    assert dag.doc_md and dag_id in dag.doc_md
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert dag.dagrun_timeout, "a late run must notify the data team"
+    assert dag.on_failure_callback, "a timed-out run must notify the data team"
+    for task in dag.tasks:
+        assert task.owner and task.owner != "airflow", task.task_id
+        assert task.on_failure_callback, f"{task.task_id}: failures must email the data team"
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_io_tasks_retry_with_backoff_and_pure_tasks_do_not(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert IO_TASKS[dag_id] <= set(dag.task_ids)
+    for task in dag.tasks:
+        if task.task_id in IO_TASKS[dag_id]:
+            assert task.retries >= 2, task.task_id
+            assert task.retry_exponential_backoff > 1, task.task_id
+            assert timedelta(0) < task.retry_delay <= task.max_retry_delay, task.task_id
+        else:
+            assert task.retries == 0, f"{task.task_id} is pure: a retry cannot fix a bug"
+
+
+def test_asset_handoff(dagbag):
+    from bonewatch.orchestration import RAW_ASSET
+
+    ingest = dagbag.dags["bonewatch_ingest"]
+    monitor = dagbag.dags["bonewatch_monitor"]
+    assert ingest.get_task("ingest_partition").outlets == [RAW_ASSET]
+    assert type(monitor.timetable).__name__ == "AssetTriggeredTimetable"
+    assert list(monitor.timetable.asset_condition.objects) == [RAW_ASSET]
+    assert set(monitor.get_task("send_alerts").upstream_task_ids) == {"evaluate_rules",
+                                                                       "resolve_nights"}
+
+
+def test_ingest_runs_nightly_in_the_hospital_zone(dagbag):
+    timetable = dagbag.dags["bonewatch_ingest"].timetable
+    assert timetable.expression == "30 1 * * *"
+    assert str(timetable.timezone) == "UTC"  # the default, with BONEWATCH_TIMEZONE unset
+
+
+def test_schedule_zone_comes_from_the_environment(monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("BONEWATCH_TIMEZONE", "Europe/Berlin")
+    bag = DagBag(dag_folder=str(DAGS_FOLDER / "bonewatch_ingest.py"))
+    assert bag.import_errors == {}
+    assert str(bag.dags["bonewatch_ingest"].timetable.timezone) == "Europe/Berlin"
+
+    monkeypatch.setenv("BONEWATCH_TIMEZONE", "Mars/Olympus_Mons")
+    bag = DagBag(dag_folder=str(DAGS_FOLDER / "bonewatch_ingest.py"))
+    (error,) = bag.import_errors.values()
+    assert "BONEWATCH_TIMEZONE" in error and "Mars/Olympus_Mons" in error
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dags_serialize(dagbag, dag_id):
+    """What the DAG processor stores: deadline callbacks and the asset must serialize."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    data = DagSerialization.serialize_dag(dagbag.dags[dag_id])
+    round_trip = DagSerialization.deserialize_dag(data)
+    assert set(round_trip.task_ids) == set(dagbag.dags[dag_id].task_ids)
+
+
+def test_parsing_is_cheap():
+    """Parse time imports neither pandas, GX, yagmail, matplotlib nor the pipeline (STYLE 3)."""
+    heavy = ["pandas", "great_expectations", "yagmail", "matplotlib", "bonewatch.pipeline",
+             "bonewatch.store", "bonewatch.ingest"]
+    code = (
+        "import sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})\n"
+        "assert not bag.import_errors, bag.import_errors\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    env = {**os.environ, **AIRFLOW_ENV}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,226 @@
+"""The DAGs run for real: `dag.test()` in this process, SQLite for Airflow and for the store, SMTP
+pointed at the aiosmtpd `mailbox`. One patient whose creatinine rose 0.6 mg/dL over the renal
+baseline after a zoledronic acid dose must reach the nurses as a RENAL_HOLD email.
+
+Also here: the helpers the DAGs rely on (which night a run processes, the data-team email), tested
+without Airflow running.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from bonewatch import orchestration
+from bonewatch.config import load_settings
+
+pytestmark = pytest.mark.xdist_group("airflow")
+
+NURSES = "oncology-nurses@hospital.example"
+DATA_TEAM = "clinical-data-team@hospital.example"
+
+# The 01:30 run of 11 March processes the night of 10 March.
+LOGICAL_DATE = datetime(2025, 3, 11, 1, 30, tzinfo=UTC)
+NIGHT = "2025-03-10"
+
+LABS = """\
+patient_id,result_id,loinc,value,unit,collected_at,status
+000123,R-1,2160-0,0.9,mg/dL,2025-01-28T08:00:00,final
+000123,R-2,2160-0,1.5,mg/dL,2025-03-10T08:00:00,final
+"""
+
+EVENTS = """\
+patient_id,event_type,occurred_at,value,detail
+000123,birth_date,1955-06-01,1955-06-01,
+000123,sex,2025-01-10,F,
+000123,diagnosis,2025-01-10,MM,C90.00
+000123,weight_kg,2025-01-28,70,
+000123,dental_exam,2025-01-15,,
+000123,bisphosphonate_dose,2025-02-01T10:00:00,zoledronic_acid,4
+"""
+
+
+def _load_dag(dag_id: str):
+    """A fresh parse of one DAG file (DagBag parses each file under a module name of its own)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.dags.conftest import DAGS_FOLDER
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER / f"{dag_id}.py"))
+    assert bag.import_errors == {}
+    return bag.dags[dag_id]
+
+
+def _ti_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def _xcom(dag_run, task_id: str):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id,
+                                                 task_ids=task_id, key="return_value")).one()
+        return XComModel.deserialize_value(row)
+
+
+def _asset_event_extras(dag_run) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(AssetEvent.extra, AssetModel.uri)
+            .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetEvent.source_run_id == dag_run.run_id,
+                   AssetEvent.source_dag_id == dag_run.dag_id)).all()
+    return [{"uri": uri, **extra} for extra, uri in rows]
+
+
+def _text(message) -> str:
+    """Subject and every text part of a message."""
+    parts = [str(message["Subject"])]
+    for part in message.walk():
+        if part.get_content_maintype() == "text":
+            parts.append(part.get_content())
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A migrated SQLite store and an inbox holding one night's deliveries."""
+    from bonewatch.store import db
+
+    monkeypatch.setenv("BONEWATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    settings = load_settings()
+    engine = db.make_engine(settings.database_url)
+    db.upgrade(engine)
+    engine.dispose()
+    night_folder = settings.inbox / NIGHT
+    night_folder.mkdir(parents=True)
+    (night_folder / "labs.csv").write_text(textwrap.dedent(LABS), encoding="utf-8")
+    (night_folder / "clinical.events.csv").write_text(textwrap.dedent(EVENTS), encoding="utf-8")
+    return settings
+
+
+def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_retries):
+    # --- bonewatch_ingest, as the scheduler would run it at 01:30 on 11 March -------------------
+    ingest_run = _load_dag("bonewatch_ingest").test(logical_date=LOGICAL_DATE)
+    assert _ti_states(ingest_run) == {"ingest_partition": "success",
+                                      "check_deliveries": "success"}
+    assert ingest_run.state == "success"
+    summary = _xcom(ingest_run, "ingest_partition")
+    assert summary["partition"] == NIGHT
+    assert (summary["files"], summary["failed_files"]) == (2, 0)
+    assert summary["accepted"] == 8 and summary["quarantined"] == 0
+    (event,) = _asset_event_extras(ingest_run)
+    assert event == {"uri": orchestration.RAW_ASSET.uri, "partition": NIGHT}
+    assert mailbox.messages == []
+
+    # --- bonewatch_monitor: dag.test() delivers no asset event, so the partition goes in conf ---
+    monitor_run = _load_dag("bonewatch_monitor").test(logical_date=None,
+                                                      run_conf={"partition": event["partition"]})
+    assert _ti_states(monitor_run) == {"resolve_nights": "success", "evaluate_rules": "success",
+                                       "send_alerts": "success"}
+    assert monitor_run.state == "success"
+    assert _xcom(monitor_run, "resolve_nights") == [NIGHT]
+    (evaluated,) = _xcom(monitor_run, "evaluate_rules")
+    assert evaluated["as_of"] == NIGHT and evaluated["by_rule"].get("RENAL_HOLD") == 1
+    assert _xcom(monitor_run, "send_alerts")["sent"] >= 1
+
+    recipients = [rcpt for _, rcpts in mailbox.envelopes for rcpt in rcpts]
+    assert DATA_TEAM not in recipients, "nothing failed: the data team gets no email"
+    to_nurses = [m for m, (_, rcpts) in zip(mailbox.messages, mailbox.envelopes, strict=True)
+                 if NURSES in rcpts]
+    assert len(to_nurses) == 1
+    assert "RENAL_HOLD" in _text(to_nurses[0])
+
+
+# ---- the helpers the DAGs call ------------------------------------------------------------------
+
+def test_schedule_timezone_defaults_to_utc_and_rejects_unknown_zones():
+    assert orchestration.schedule_timezone({}) == "UTC"
+    assert orchestration.schedule_timezone({"BONEWATCH_TIMEZONE": "Europe/Berlin"}) == \
+        "Europe/Berlin"
+    with pytest.raises(ValueError, match="BONEWATCH_TIMEZONE"):
+        orchestration.schedule_timezone({"BONEWATCH_TIMEZONE": "Europe/Atlantis"})
+
+
+def test_ingest_night_is_the_day_before_in_the_hospital_zone():
+    berlin = ZoneInfo("Europe/Berlin")
+    # 01:30 in Berlin on 11 March is 00:30 UTC: still 11 March locally, so the night is the 10th.
+    run = datetime(2025, 3, 11, 0, 30, tzinfo=UTC)
+    assert orchestration.ingest_night({}, run, None, berlin) == date(2025, 3, 10)
+    # The same run read in UTC would be the same day; 23:30 UTC on the 10th is the 11th in Berlin.
+    assert orchestration.ingest_night(None, datetime(2025, 3, 10, 23, 30, tzinfo=UTC),
+                                      None, berlin) == date(2025, 3, 10)
+    # A manual run without a logical date uses run_after; conf wins over both.
+    assert orchestration.ingest_night({}, None, run, ZoneInfo("UTC")) == date(2025, 3, 10)
+    assert orchestration.ingest_night({"partition": "2024-12-31"}, run, run, berlin) == \
+        date(2024, 12, 31)
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        orchestration.ingest_night({"partition": "31/12/2024"}, run, run, berlin)
+
+
+def test_monitor_nights_from_events_then_conf_then_run_after():
+    utc = ZoneInfo("UTC")
+    run_after = datetime(2025, 3, 11, 2, 0, tzinfo=UTC)
+    events = [SimpleNamespace(extra={"partition": "2025-03-10"}),
+              SimpleNamespace(extra={"partition": "2025-03-08"}),
+              SimpleNamespace(extra={"partition": "2025-03-10"}),
+              SimpleNamespace(extra={})]
+    assert orchestration.monitor_nights(events, {"partition": "2020-01-01"}, run_after, utc) == \
+        [date(2025, 3, 8), date(2025, 3, 10)]
+    assert orchestration.monitor_nights([], {"partition": "2025-01-05"}, run_after, utc) == \
+        [date(2025, 1, 5)]
+    assert orchestration.monitor_nights([], {}, run_after, utc) == [date(2025, 3, 10)]
+
+
+def test_failed_deliveries_names_the_files():
+    assert orchestration.failed_deliveries({"failed_files": 0, "errors": []}) is None
+    line = orchestration.failed_deliveries(
+        {"failed_files": 1, "errors": ["cannot read bad.csv, line 3: unterminated quote"]})
+    assert "bad.csv, line 3" in line
+
+
+def test_failure_callback_emails_the_data_team_only(mailbox):
+    context = {
+        "task_instance": SimpleNamespace(dag_id="bonewatch_monitor", task_id="send_alerts",
+                                         run_id="asset_triggered__x", try_number=4),
+        "dag_run": SimpleNamespace(run_id="asset_triggered__x", conf={}),
+        "logical_date": None,
+        "exception": ConnectionRefusedError("SMTP server down"),
+    }
+    orchestration.email_data_team_on_failure(context)
+    assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
+    (message,) = mailbox.messages
+    assert "bonewatch_monitor.send_alerts" in message["Subject"]
+    assert "SMTP server down" in _text(message)
+
+
+def test_run_callback_emails_late_runs_but_not_task_failures_twice(mailbox):
+    dag_run = SimpleNamespace(dag_id="bonewatch_ingest", run_id="scheduled__2025-03-11",
+                              start_date="2025-03-11T01:30:00Z", conf={})
+    dag = SimpleNamespace(dag_id="bonewatch_ingest", dagrun_timeout=timedelta(hours=4))
+    orchestration.email_data_team_on_run_failure({"reason": "task_failure", "dag_run": dag_run,
+                                                  "dag": dag})
+    assert mailbox.messages == []  # the failed task already emailed
+    orchestration.email_data_team_on_run_failure({"reason": "timed_out", "dag_run": dag_run,
+                                                  "dag": dag})
+    assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
+    assert "LATE bonewatch_ingest" in mailbox.messages[0]["Subject"]
+    assert "4:00:00" in _text(mailbox.messages[0])
+
+
+def test_callbacks_never_raise_when_smtp_is_down(monkeypatch):
+    monkeypatch.setenv("BONEWATCH_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", "1")  # nothing listens there
+    orchestration.email_data_team_on_failure({"exception": RuntimeError("boom")})
+    orchestration.email_data_team_on_run_failure({"reason": "timed_out"})
+
