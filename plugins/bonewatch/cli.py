@@ -220,7 +220,8 @@ def nightly(ctx: click.Context, as_of: date) -> None:
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write the feeds into.")
 @click.option("--last-night", type=DATE, default="2025-06-30", show_default=True)
-@click.option("--nights", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--nights", type=click.IntRange(14), default=30, show_default=True,
+              help="Nights in the window (at least 14, so every planted finding fits).")
 def synth(patients: int, seed: int, out: str, last_night: date, nights: int) -> None:
     """Write a synthetic cohort (history + one inbox folder a night) and expected_alerts.jsonl,
     the ground truth the generator planted."""
@@ -234,7 +235,8 @@ def synth(patients: int, seed: int, out: str, last_night: date, nights: int) -> 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), help="Demo folder (default: <data dir>/demo).")
 @click.option("--patients", type=click.IntRange(1), default=60, show_default=True)
-@click.option("--nights", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--nights", type=click.IntRange(14), default=30, show_default=True,
+              help="Nights in the window (at least 14, so every planted finding fits).")
 @click.pass_context
 def demo(ctx: click.Context, out: str | None, patients: int, nights: int) -> None:
     """A synthetic cohort through the whole pipeline on SQLite, emails caught by a local SMTP

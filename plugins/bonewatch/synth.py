@@ -230,10 +230,10 @@ def _body(rng: random.Random, win: _Window, scr_max: float) -> tuple[str, date, 
         sex = rng.choice("FM")
         age = rng.randint(50, 72)
         weight = round(rng.uniform(75, 125) if sex == "M" else rng.uniform(65, 110), 1)
-        birth = _birth(rng, win.first, age)
+        birth = _birth(rng, win.last, age)
         if crcl(age_on(birth, win.last) + 1, weight, scr_max, sex) > 66:
             return sex, birth, weight
-    return "M", _birth(rng, win.first, 55), 110.0
+    return "M", _birth(rng, win.last, 55), 110.0
 
 
 def _start(rng: random.Random, first_dose: date) -> date:
@@ -256,7 +256,7 @@ def _background(rng: random.Random, win: _Window) -> _Plan:
         sex = rng.choice("FM")
         age = rng.randint(50, 79)
         weight = round(rng.uniform(60, 110) if sex == "M" else rng.uniform(50, 90), 1)
-        birth = _birth(rng, win.first, age)
+        birth = _birth(rng, win.last, age)
         numerator = (140 - age) * weight * (0.85 if sex == "F" else 1.0) / 72
         if agent == ZOL and rng.random() < 0.1:
             band, spread, target = 3.5, 0.03, 55.0   # a reduced-dose patient, mid-band
