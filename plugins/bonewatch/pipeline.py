@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Iterable
 
 from sqlalchemy import Engine
 

@@ -166,9 +166,9 @@ def _routine_alp(rng: random.Random, mean: float) -> float:
 
 
 def _birth(rng: random.Random, on: date, age: int) -> date:
-    """A birth date giving `age` (or one less) on `on`; day <= 28 so no 29 Feb birthdays."""
-    born = on - timedelta(days=round(age * 365.25) + rng.randint(0, 364))
-    return born.replace(day=min(born.day, 28))
+    """A birth date giving exactly `age` on `on`; day <= 28 so no 29 Feb birthdays."""
+    born = date(on.year - age - 1, rng.randint(1, 12), rng.randint(1, 28))
+    return born if age_on(born, on) == age else born.replace(year=born.year + 1)
 
 
 def _birth_for_constant_age(anchor: date, age: int) -> date:
@@ -254,7 +254,7 @@ def _background(rng: random.Random, win: _Window) -> _Plan:
     alp_mean = float(rng.randint(65, 105))
     for _ in range(200):
         sex = rng.choice("FM")
-        age = rng.randint(50, 79)
+        age = rng.randint(50, 80)
         weight = round(rng.uniform(60, 110) if sex == "M" else rng.uniform(50, 90), 1)
         birth = _birth(rng, win.last, age)
         numerator = (140 - age) * weight * (0.85 if sex == "F" else 1.0) / 72

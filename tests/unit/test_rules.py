@@ -7,7 +7,9 @@ from datetime import date
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from bonewatch.config import load_settings
 from bonewatch.rules import evaluate

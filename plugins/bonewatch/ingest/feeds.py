@@ -67,7 +67,7 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     number, censor, r_value = parse_numbers(frame["value"])
     factors = unit_key_table()
     unit_norm = frame["unit"].map(normalise_unit)
-    factor = pd.Series([factors.get((a, u)) for a, u in zip(analyte, unit_norm)], index=frame.index,
+    factor = pd.Series([factors.get((a, u)) for a, u in zip(analyte, unit_norm, strict=True)], index=frame.index,
                        dtype="float64")
     r_unit = pd.Series("", index=frame.index, dtype="object")
     no_unit = factor.isna() & analyte.notna()
