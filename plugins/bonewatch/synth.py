@@ -122,7 +122,6 @@ class _Plan:
     scr: dict[date, float] = field(default_factory=dict)     # draw day -> SCr mg/dL
     alp: dict[date, float] = field(default_factory=dict)     # draw day -> ALP U/L (GGT alongside)
     alp_planted: set[date] = field(default_factory=set)      # ALP written with one decimal
-    pretherapy: date | None = None
     si_creatinine: bool = False
     si_alp: bool = False
     noisy: bool = False                  # background only: some "F" statuses
@@ -200,13 +199,11 @@ def _course(rng: random.Random, plan: _Plan, days: list[date], mg: float, base: 
 
 
 def _pretherapy(rng: random.Random, plan: _Plan, base: float, spread: float, alp_mean: float,
-                days_before: int | None = None) -> date:
+                days_before: int | None = None) -> None:
     """The work-up panel shortly before therapy start: it gives the ALP baseline (SPEC 4)."""
     day = plan.therapy_start - timedelta(days=days_before or rng.randint(1, 5))
     plan.scr[day] = _jitter(rng, base, spread)
     plan.alp[day] = _routine_alp(rng, alp_mean)
-    plan.pretherapy = day
-    return day
 
 
 def _scr_mg(plan: _Plan, value: float) -> float:

@@ -433,7 +433,7 @@ def test_no_other_rule_has_a_reason_to_fire(cohort, long_cohort):
         last = date.fromisoformat(_manifest(out)["last_night"])
         for pid, chart in _charts(out).items():
             assert chart.diagnoses == ["MM"] and chart.sex in {"F", "M"} and chart.birth
-            assert 50 <= age_on(chart.birth, last) <= 81
+            assert 50 <= age_on(chart.birth, last) <= 80
             for day, _, _ in chart.doses:  # PRE_DOSE_SCR_MISSING
                 assert any(day - timedelta(days=7) <= d <= day for _, d, _ in chart.scr), (pid, day)
             first = chart.doses[0][0]  # DENTAL_EXAM_MISSING
@@ -453,10 +453,7 @@ def test_no_other_rule_has_a_reason_to_fire(cohort, long_cohort):
             assert all(b - a <= timedelta(days=180) for a, b in zip(urine, ends, strict=True))
 
 
-def test_a_large_cohort_is_cheap(tmp_path):
-    import time
-
-    started = time.perf_counter()
+def test_a_large_cohort_generates(tmp_path):
+    # Speed belongs in bench/, never in a timed test; this only checks a year-long cohort works.
     manifest = generate(tmp_path, patients=500, nights=365)
-    assert time.perf_counter() - started < 10
     assert manifest["bad_rows"] > 0
