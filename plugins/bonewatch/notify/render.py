@@ -114,6 +114,9 @@ def _group(rows: list[dict], settings: Settings, phi_minimal: bool) -> list[dict
     return groups
 
 
+NURSE_NOTES = ("missing", "caveat", "note")
+
+
 def _alert_view(row: dict, settings: Settings, phi_minimal: bool) -> dict:
     severity = str(row["severity"])
     view = {
@@ -135,8 +138,10 @@ def _alert_view(row: dict, settings: Settings, phi_minimal: bool) -> dict:
         "action": row.get("action", ""),
         "citation": row.get("citation", ""),
         "summary": _fmt(summary) if summary not in (None, "") else "",
-        "details": [(key.replace("_", " "), _compact(value))
-                    for key, value in evidence.items() if value not in (None, "", [], {})],
+        # Ten seconds a digest: the summary says why; only notes a nurse must not miss follow it.
+        # The structured evidence stays in `bonewatch alerts --format json`.
+        "details": [(key.replace("_", " "), _compact(evidence[key]))
+                    for key in NURSE_NOTES if evidence.get(key) not in (None, "", [], {})],
     })
     return view
 
