@@ -142,6 +142,8 @@ class Settings(BaseModel):
 _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEWATCH_DATABASE_URL": ("database", "url"),
     "BONEWATCH_DATA_DIR": ("site", "data_dir"),
+    # one variable for the hospital zone: the Airflow schedule reads it at parse time too
+    "BONEWATCH_TIMEZONE": ("site", "timezone"),
     "BONEWATCH_SMTP_HOST": ("smtp", "host"),
     "BONEWATCH_SMTP_PORT": ("smtp", "port"),
     "BONEWATCH_SMTP_USER": ("smtp", "user"),

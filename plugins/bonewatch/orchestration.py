@@ -50,6 +50,17 @@ def schedule_timezone(env: Mapping[str, str] | None = None) -> str:
     return name
 
 
+def hospital_zone(settings) -> ZoneInfo:
+    """The zone nights are counted in (`[site] timezone`), with a warning in the task log when
+    the schedule runs in another zone (`BONEWATCH_TIMEZONE`): a 01:30 run could then fall on the
+    wrong local day."""
+    scheduled = schedule_timezone()
+    if scheduled != settings.site.timezone:
+        log.warning("%s is %s but [site] timezone is %s: set them to the same zone",
+                    TIMEZONE_ENV, scheduled, settings.site.timezone)
+    return settings.tz
+
+
 def parse_night(value: Any) -> date:
     """A night from `YYYY-MM-DD` (or a date); ValueError with the bad value otherwise."""
     if isinstance(value, datetime):
@@ -66,7 +77,7 @@ def night_before(moment: datetime, tz: ZoneInfo) -> date:
     """The night a run at `moment` processes: the day before its local date in `tz`.
 
     The 01:30 run on day D loads night D-1 (the deliveries of `<inbox>/<D-1>/`). Converting to the
-    hospital zone first matters: 01:30 in Europe/Berlin is still day D-1 in UTC.
+    hospital zone first matters: 01:30 on day D in Asia/Tokyo is 16:30 UTC on day D-1.
     """
     if moment.tzinfo is None:
         raise ValueError("a timezone-aware datetime is required")
@@ -165,7 +176,7 @@ def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
     run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", "?")
     error = context.get("exception")
     lines = [
-        f"The Airflow task {dag_id}.{task_id} failed after its retries.",
+        f"The Airflow task {dag_id}.{task_id} failed (after any retries it has).",
         "",
         f"run:      {run_id}",
         f"try:      {getattr(ti, 'try_number', '?')}",
@@ -195,7 +206,7 @@ def email_data_team_on_run_failure(context: Mapping[str, Any]) -> None:
     dag_run = context.get("dag_run")
     dag = context.get("dag")
     dag_id = getattr(dag_run, "dag_id", None) or getattr(dag, "dag_id", "?")
-    run_id = getattr(dag_run, "run_id", "?")
+    run_id = getattr(dag_run, "run_id", None) or context.get("run_id") or "?"
     timeout = getattr(dag, "dagrun_timeout", None)
     late = reason == "timed_out"
     what = f"did not finish within its timeout ({timeout})" if late else f"failed ({reason})"

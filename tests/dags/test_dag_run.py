@@ -18,7 +18,11 @@ import pytest
 from bonewatch import orchestration
 from bonewatch.config import load_settings
 
-pytestmark = pytest.mark.xdist_group("airflow")
+pytestmark = [
+    pytest.mark.xdist_group("airflow"),
+    # dag.test() runs the execution API in-process through starlette's TestClient.
+    pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
+]
 
 NURSES = "oncology-nurses@hospital.example"
 DATA_TEAM = "clinical-data-team@hospital.example"
@@ -142,6 +146,25 @@ def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_r
     assert "RENAL_HOLD" in _text(to_nurses[0])
 
 
+def test_unreadable_delivery_fails_the_run_and_tells_only_the_data_team(airflow_db, store,
+                                                                         mailbox, fast_retries):
+    """The night still loads (the monitor gets its asset event); the run fails, naming the file."""
+    night_folder = store.inbox / "2025-04-01"
+    night_folder.mkdir(parents=True)
+    (night_folder / "broken.csv").write_text("patient,value\n000123,1.2\n", encoding="utf-8")
+
+    run = _load_dag("bonewatch_ingest").test(
+        logical_date=datetime(2025, 4, 2, 1, 30, tzinfo=UTC))
+    assert _ti_states(run) == {"ingest_partition": "success", "check_deliveries": "failed"}
+    assert run.state == "failed"
+    assert _asset_event_extras(run) == [{"uri": orchestration.RAW_ASSET.uri,
+                                         "partition": "2025-04-01"}]
+    assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
+    (message,) = mailbox.messages
+    assert "bonewatch_ingest.check_deliveries" in message["Subject"]
+    assert "broken.csv, line 1" in _text(message)
+
+
 # ---- the helpers the DAGs call ------------------------------------------------------------------
 
 def test_schedule_timezone_defaults_to_utc_and_rejects_unknown_zones():
@@ -157,9 +180,14 @@ def test_ingest_night_is_the_day_before_in_the_hospital_zone():
     # 01:30 in Berlin on 11 March is 00:30 UTC: still 11 March locally, so the night is the 10th.
     run = datetime(2025, 3, 11, 0, 30, tzinfo=UTC)
     assert orchestration.ingest_night({}, run, None, berlin) == date(2025, 3, 10)
-    # The same run read in UTC would be the same day; 23:30 UTC on the 10th is the 11th in Berlin.
-    assert orchestration.ingest_night(None, datetime(2025, 3, 10, 23, 30, tzinfo=UTC),
-                                      None, berlin) == date(2025, 3, 10)
+    # 23:30 UTC on the 10th is already the 11th in Berlin (night of the 10th), not in UTC.
+    late = datetime(2025, 3, 10, 23, 30, tzinfo=UTC)
+    assert orchestration.ingest_night(None, late, None, berlin) == date(2025, 3, 10)
+    assert orchestration.ingest_night(None, late, None, ZoneInfo("UTC")) == date(2025, 3, 9)
+    # 01:30 on the 11th in Tokyo is 16:30 UTC on the 10th.
+    tokyo_run = datetime(2025, 3, 10, 16, 30, tzinfo=UTC)
+    assert orchestration.ingest_night(None, tokyo_run, None, ZoneInfo("Asia/Tokyo")) == \
+        date(2025, 3, 10)
     # A manual run without a logical date uses run_after; conf wins over both.
     assert orchestration.ingest_night({}, None, run, ZoneInfo("UTC")) == date(2025, 3, 10)
     assert orchestration.ingest_night({"partition": "2024-12-31"}, run, run, berlin) == \
@@ -216,6 +244,10 @@ def test_run_callback_emails_late_runs_but_not_task_failures_twice(mailbox):
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     assert "LATE bonewatch_ingest" in mailbox.messages[0]["Subject"]
     assert "4:00:00" in _text(mailbox.messages[0])
+    # The DAG processor's minimal context has no dag_run, only run_id.
+    orchestration.email_data_team_on_run_failure({"reason": "timed_out", "dag": dag,
+                                                  "run_id": "scheduled__2025-03-12"})
+    assert "scheduled__2025-03-12" in mailbox.messages[1]["Subject"]
 
 
 def test_callbacks_never_raise_when_smtp_is_down(monkeypatch):

@@ -1,0 +1,109 @@
+"""
+### bonewatch_ingest: load last night's deliveries into the longitudinal store
+
+**When.** Every night at 01:30 in the hospital's time zone. The zone comes from the environment
+variable `BONEWATCH_TIMEZONE` (an IANA name, default `UTC`), read when the file is parsed; parsing
+does no file or database I/O, so the zone cannot come from `bonewatch.toml`. Set it to the same
+zone as `[site] timezone`.
+
+**What.** The run at 01:30 on day *D* processes night *D − 1*: the files in `<inbox>/<D-1>/` plus
+any loose files in the inbox (`bonewatch.pipeline.partition_paths`). Files already in the delivery
+ledger are skipped, so a retry, a clear or a rerun changes nothing. A manual run can name another
+night with the conf `{"partition": "YYYY-MM-DD"}`.
+
+**Hand-off.** `ingest_partition` updates the asset `bonewatch://raw/labs` with the extra
+`{"partition": "<night>"}`; `bonewatch_monitor` is scheduled on that asset and evaluates the night.
+A file that cannot be read does not block the night: the asset is still updated from what could be
+read, then `check_deliveries` fails the run with the file and the first bad line, and the data team
+gets the email.
+
+**Failures and lateness** email the data team (`[recipients] data_team`), never the nurses: a
+task's final failure (after its retries), and a run still unfinished after 4 hours (05:30, before
+the day shift reads the digests), which `dagrun_timeout` stops.
+
+**Past nights.** `catchup` is off: a paused or new DAG does not flood the store with old nights.
+Re-load nights with `airflow backfill create --dag-id bonewatch_ingest --from-date D1 --to-date D2`
+(logical dates, so night *N* is the run of *N + 1*). Evaluation is as-of the night, so a backfill
+gives the same alerts as the nights themselves did.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import DAG, CronTriggerTimetable, task
+
+from bonewatch.orchestration import (
+    RAW_ASSET,
+    email_data_team_on_failure,
+    email_data_team_on_run_failure,
+    schedule_timezone,
+)
+
+TIMEZONE = schedule_timezone()
+
+# Only I/O tasks retry: a flaky share or a locked database heals, a bug does not.
+IO_RETRIES = {
+    "retries": 3,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": 2.0,  # 2, 4, 8 minutes
+    "max_retry_delay": timedelta(minutes=30),
+}
+
+with DAG(
+    dag_id="bonewatch_ingest",
+    description="Load last night's lab and clinical deliveries into the bonewatch store",
+    doc_md=__doc__,
+    schedule=CronTriggerTimetable("30 1 * * *", timezone=TIMEZONE),
+    start_date=datetime(2025, 1, 1, tzinfo=UTC),
+    # On purpose: no automatic catch-up of missed nights (a paused DAG must not replay months at
+    # once); backfills are explicit (`airflow backfill create`) and give the same alerts.
+    catchup=False,
+    max_active_runs=1,  # nights load in order: a correction must land after what it corrects
+    default_args={
+        "owner": "clinical-data-team",
+        "retries": 0,
+        "on_failure_callback": email_data_team_on_failure,
+    },
+    # Lateness: a run past this is stopped and the DAG callback emails the data team. (A
+    # DeadlineAlert would warn without stopping the run, but on Airflow 3.3.2 any DAG with
+    # `deadline=` crashes `dag.test()` / `airflow dags test` once the run succeeds.)
+    dagrun_timeout=timedelta(hours=4),
+    on_failure_callback=email_data_team_on_run_failure,
+    tags=["bonewatch", "ingest"],
+) as dag:
+
+    @task(outlets=[RAW_ASSET], **IO_RETRIES)
+    def ingest_partition(**context) -> dict:
+        """Load one night's files into the store and update RAW_ASSET with {"partition": night}.
+
+        In: the run's logical date (or conf `partition`). Out: the IngestSummary as a dict.
+        """
+        from bonewatch import pipeline
+        from bonewatch.config import load_settings
+        from bonewatch.orchestration import hospital_zone, ingest_night
+
+        settings = load_settings()
+        dag_run = context["dag_run"]
+        night = ingest_night(dag_run.conf, context.get("logical_date"), dag_run.run_after,
+                             hospital_zone(settings))
+        summary = pipeline.ingest(settings, pipeline.partition_paths(settings, night),
+                                  partition=night.isoformat())
+        context["outlet_events"][RAW_ASSET].extra = {"partition": night.isoformat()}
+        return {"partition": night.isoformat(), **summary.as_dict()}
+
+    @task(retries=0)
+    def check_deliveries(summary: dict) -> None:
+        """Fail the run, naming the files, when a delivery could not be read at all."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from bonewatch.orchestration import failed_deliveries
+
+        if problem := failed_deliveries(summary):
+            raise AirflowFailException(problem)
+
+    check_deliveries(ingest_partition())
+
+
+if __name__ == "__main__":
+    dag.test()

@@ -1,0 +1,116 @@
+"""
+### bonewatch_monitor: run the clinical rules for a night and email the nurses' digests
+
+**When.** Whenever `bonewatch_ingest` updates the asset `bonewatch://raw/labs`, i.e. once a night
+after the deliveries are loaded. Asset-triggered runs have no logical date: the night comes from
+the triggering asset event's extra `{"partition": "YYYY-MM-DD"}`. If a backfill of the ingest DAG
+queues several events before this DAG runs, every night is evaluated, oldest first.
+
+**Manual runs** (and `dag.test()`, which delivers no asset event) take the night from the conf
+`{"partition": "YYYY-MM-DD"}`; without it, the night before the run in the hospital's time zone.
+
+**What.**
+1. `resolve_nights`: which nights (pure; no retry).
+2. `evaluate_rules`: every rule as of each night; alerts upserted on (patient, rule, episode),
+   so a rerun changes nothing (`bonewatch.pipeline.evaluate`).
+3. `send_alerts`: queue the digests in the outbox and send them (`bonewatch.pipeline.notify`).
+   An alert is marked notified only once the SMTP server accepted it, so a retry never sends it
+   twice, and an SMTP outage delays alerts without losing them.
+
+**Failures and lateness** email the data team, never the nurses: a task's final failure, and a
+run still unfinished after 2 hours, which `dagrun_timeout` stops.
+
+**Past nights.** `catchup` is off on purpose; it has no effect on an asset schedule anyway.
+Past nights are re-evaluated by backfilling `bonewatch_ingest` (each run updates the asset) or by
+triggering this DAG with a conf partition; evaluation is as-of the night, so the alerts are the
+ones the night itself gave.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG, task
+
+from bonewatch.orchestration import (
+    RAW_ASSET,
+    email_data_team_on_failure,
+    email_data_team_on_run_failure,
+)
+
+with DAG(
+    dag_id="bonewatch_monitor",
+    description="Evaluate the bonewatch rules for a night and send the alert digests",
+    doc_md=__doc__,
+    schedule=[RAW_ASSET],
+    # On purpose: an asset schedule does not catch up; past nights go through a backfill of
+    # bonewatch_ingest or a manual run with conf {"partition": ...}, and give the same alerts.
+    catchup=False,
+    max_active_runs=1,  # nights are evaluated in order: an episode opened on N is seen on N + 1
+    default_args={
+        "owner": "clinical-data-team",
+        "retries": 0,
+        "on_failure_callback": email_data_team_on_failure,
+    },
+    # Lateness: a run past this is stopped and the DAG callback emails the data team. (A
+    # DeadlineAlert would warn without stopping the run, but on Airflow 3.3.2 any DAG with
+    # `deadline=` crashes `dag.test()` / `airflow dags test` once the run succeeds.)
+    dagrun_timeout=timedelta(hours=2),
+    on_failure_callback=email_data_team_on_run_failure,
+    tags=["bonewatch", "monitor", "alerts"],
+) as dag:
+
+    @task(retries=0)
+    def resolve_nights(**context) -> list[str]:
+        """The nights to evaluate (YYYY-MM-DD, oldest first): from the triggering asset events,
+        else conf `partition`, else the night before the run."""
+        from bonewatch.config import load_settings
+        from bonewatch.orchestration import hospital_zone, monitor_nights
+
+        dag_run = context["dag_run"]
+        events = context["triggering_asset_events"].get(RAW_ASSET, [])
+        nights = monitor_nights(events, dag_run.conf, dag_run.run_after,
+                                hospital_zone(load_settings()))
+        return [night.isoformat() for night in nights]
+
+    # Evaluation writes the alerts to the store (DB I/O): a lost connection or a lock timeout
+    # heals on retry, and the upsert keyed on (patient, rule, episode) makes a retry harmless.
+    @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
+          max_retry_delay=timedelta(minutes=10))
+    def evaluate_rules(nights: list[str]) -> list[dict]:
+        """Run every rule as of each night and store the alerts. Out: one summary per night."""
+        from datetime import date
+
+        from bonewatch import pipeline
+        from bonewatch.config import load_settings
+
+        settings = load_settings()
+        return [pipeline.evaluate(settings, date.fromisoformat(n)).as_dict() for n in nights]
+
+    # SMTP I/O: an outage leaves the messages pending in the outbox; the retries (5, 10, 20 min)
+    # send them, and nothing the server already accepted is sent again.
+    @task(retries=3, retry_delay=timedelta(minutes=5), retry_exponential_backoff=2.0,
+          max_retry_delay=timedelta(minutes=30))
+    def send_alerts(nights: list[str]) -> dict:
+        """Queue the latest night's digests and send what the outbox holds (earlier nights'
+        unsent alerts included). Out: the NotifySummary as a dict."""
+        from datetime import date
+
+        from bonewatch import pipeline
+        from bonewatch.config import load_settings
+
+        summary = pipeline.notify(load_settings(), date.fromisoformat(max(nights)))
+        if summary.failed:
+            from bonewatch.errors import AlertDeliveryError
+
+            # Raise so Airflow retries with backoff; the outbox keeps what was not accepted.
+            raise AlertDeliveryError(f"{summary.failed} message(s) not accepted: "
+                                     + "; ".join(summary.errors[:3]))
+        return summary.as_dict()
+
+    nights = resolve_nights()
+    evaluate_rules(nights) >> send_alerts(nights)
+
+
+if __name__ == "__main__":
+    dag.test()
