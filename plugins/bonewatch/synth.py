@@ -4,11 +4,14 @@
 (SPEC 2.1 lab CSV, SPEC 2.4 events CSV), split into a history delivery and one inbox folder per
 night, and writes down which alerts the rules must raise and on which night
 (`expected_alerts.jsonl`). Each patient carries exactly one scenario: clean background data, or a
-clinical situation planted with explicit numbers at (or just short of) a threshold.
+clinical situation planted with explicit numbers at (or just short of) a threshold. Every rule of
+SPEC section 5 is planted, with near misses that must stay quiet; the readings of SPEC 10 the
+ground truth assumes are written down below ("Semantics the ground truth assumes").
 
 This module deliberately does not import `bonewatch.rules`: a ground truth computed by the code
 under test would prove nothing. The few clinical formulas it needs (Cockcroft-Gault, zoledronic
-acid dose bands, calendar months) are re-implemented here from SPEC sections 4, 5 and 10.
+acid dose bands, calendar months, corrected calcium) are re-implemented here from SPEC sections 4,
+5 and 10.
 """
 
 from __future__ import annotations
@@ -52,21 +55,120 @@ SCENARIOS = (
     "alp_rise_not_bortezomib",
     "review_1y",
     "review_2y",
+    "pre_dose_scr_missing",
+    "pre_dose_scr_near_miss",
+    "alp_elevated_start",
+    "alp_elevated_start_uln",
+    "alp_elevated_start_dose_day_30",
+    "alp_elevated_start_on_course",
+    "alp_monitor_due_3m",
+    "alp_monitor_due_6m",
+    "alp_monitor_window_edge",
+    "alp_nonbone_cause",
+    "alp_nonbone_cause_7_days",
+    "alp_nonbone_ggt_55",
+    "alp_nonbone_alp_130",
+    "alp_nonbone_8_days",
+    "hypocalcemia",
+    "hypocalcemia_near_miss",
+    "hypocalcemia_uncorrected",
+    "hypocalcemia_albumin_2_days",
+    "hypocalcemia_albumin_tie",
+    "hypocalcemia_denosumab",
+    "hypocalcemia_off_agent",
+    "mgus_on_bisphosphonate",
+    "smm_on_bisphosphonate",
+    "mgus_with_osteoporosis",
+    "mgus_progressed_to_mm",
+    "mgus_on_denosumab",
+    "dental_exam_missing",
+    "dental_exam_near_miss",
+    "dental_exam_missing_denosumab",
+    "dental_exam_missing_new_course",
+    "albuminuria",
+    "albuminuria_near_miss",
+    "urine_albumin_due",
+    "urine_albumin_due_near_miss",
+    "urine_albumin_due_new_course",
+    "urine_albumin_spot_tests",
+    "denosumab_course",
 )
 PLANTED = SCENARIOS[1:]
+# Planted first in any cohort: together they raise every rule of SPEC 5, so even a small cohort
+# (>= len(COVERING) patients) plants each rule at least once.
+COVERING = (
+    "renal_resume", "dose_band_change", "alp_rise_bortezomib", "review_2y",
+    "pre_dose_scr_missing", "alp_elevated_start", "alp_monitor_due_3m", "alp_nonbone_cause",
+    "hypocalcemia", "mgus_on_bisphosphonate", "dental_exam_missing", "albuminuria",
+    "urine_albumin_due",
+)
 # After every planted scenario has appeared once, patients cycle over this many background slots
-# per round of planted ones: about 60 % background in a large cohort, about 45 % at 60 patients.
-BACKGROUND_PER_ROUND = 21
+# per round of planted ones: about half the cohort is background in a large cohort.
+BACKGROUND_PER_ROUND = 50
 MIN_NIGHTS = 14  # renal_resume needs a hold and a resume a week apart, both inside the window
 
 SCR, SCR_SI, ALP, CA, ALB, GGT, WEIGHT = (
     "2160-0", "14682-9", "6768-6", "17861-6", "1751-7", "2324-2", "29463-7",
 )
-ZOL, PAM = "zoledronic_acid", "pamidronate"
+URINE_ACR = "14959-1"   # albumin/creatinine ratio in urine (a spot test), mg/g
+ZOL, PAM, DEN = "zoledronic_acid", "pamidronate", "denosumab"
+DOSE_MG = {ZOL: 4.0, PAM: 90.0, DEN: 120.0}
 DOSE_INTERVAL = 28
-PAMIDRONATE_MG = 90.0
+PAMIDRONATE_MG = DOSE_MG[PAM]
+ALP_ULN, GGT_ULN, URINE_ALBUMIN_MAX = 130.0, 55, 500
 BAD_ROW_SHARE = 0.01
 BAD_KINDS = ("unknown_code", "non_numeric", "impossible_date", "unconvertible_unit")
+
+# --- Semantics the ground truth assumes ------------------------------------------------------------
+# SPEC 5 and 10 leave some details open. `expected_alerts.jsonl` assumes the readings below; the
+# planted data stay away from every case where two plausible readings would disagree, unless that
+# case is the scenario's point (the unit tests check the calendar readings both ways).
+# - raised_on is the first night the finding holds on the data delivered up to that night (a
+#   night's inbox holds what was collected or happened that day), never before the first night.
+#   Planted findings all begin between first night + 2 and last night - 2.
+# - "On" an agent (SPEC 10): a course of that class is active or held on the night: a dose on or
+#   before it, the latest at most 180 days before. No scenario sits on the 180-day edge.
+# - PRE_DOSE_SCR_MISSING: per zoledronic acid or pamidronate dose (never denosumab); a usable SCr
+#   collected on any calendar day from dose day - 7 to the dose day counts (planted SCr are drawn in
+#   the morning, doses given at 14:00); raised on the dose day; one finding per dose.
+# - ALP_ELEVATED_START: baseline ALP (SPEC 4) strictly above 130 U/L, compared in whole U/L (131
+#   fires, 130 does not). A bisphosphonate course is active at therapy start when a bisphosphonate
+#   dose fell on the start day or in the 180 days before it. A dose on start + 1 .. start + 30
+#   prevents the finding; one on start + 31 or later does not. Raised on start + 31. Whether a
+#   denosumab start would count is not planted.
+# - ALP_MONITOR_DUE: due = therapy start + 3 and + 6 calendar months (clamped at month end, start
+#   days 29-31 are planted); any total ALP collected from due - 14 to due + 14 inclusive satisfies
+#   it; one finding per missed milestone, raised on due + 15.
+# - ALP_NONBONE_CAUSE: on a night, the latest total ALP (by collection time) if collected on
+#   night - 30 .. night, strictly above 130, and any GGT strictly above 55 collected within 7
+#   calendar days of that ALP, before or after it, and delivered by the night. Raised on the later
+#   of the two days. The planted data never put a normal GGT closer to the ALP than the high one,
+#   so a "nearest GGT" reading agrees. The finding ends when a newer ALP is normal.
+# - HYPOCALCEMIA: on any agent (denosumab included); the latest calcium by collection time,
+#   corrected with the albumin nearest in time within 2 days before or after it (later one on a
+#   tie), rounded to 0.01, strictly below 8.5; with no albumin within 2 days the raw calcium is
+#   compared. Planted calcium and albumin share one clock time, so 48 hours and 2 calendar days
+#   agree. Raised on the calcium's day, or on the day of a later albumin that completes it.
+#   The finding ends when a newer calcium is normal.
+# - MGUS_ON_BISPHOSPHONATE: an events `diagnosis` MGUS or SMM, no MM diagnosis and no osteoporosis
+#   diagnosis recorded on or before the night, and a zoledronic acid or pamidronate dose on or
+#   before it (denosumab does not count). Raised on the later of the diagnosis day and the first
+#   such dose (planted: the first dose, inside the window, the diagnosis months before).
+# - DENTAL_EXAM_MISSING: the first dose of a course of any agent (no same-class dose in the 180
+#   days before it), with no `dental_exam` event from dose day - 6 calendar months to the dose day;
+#   raised on the dose day. Planted first doses fall on day-of-month <= 28, so "exam + 6 months >=
+#   dose day" gives the same answer (the exam exactly 6 months before counts).
+# - ALBUMINURIA: an events `albuminuria_mg_24h` strictly above 500 mg/24 h collected while on
+#   zoledronic acid or pamidronate; raised on the result's day; the hold ends with a later result
+#   <= 500 (the generator gives no dose during the hold). Spot tests never drive it.
+# - URINE_ALBUMIN_DUE: on zoledronic acid or pamidronate, the current course started at least 6
+#   calendar months before the night (start + 6 months <= night), and no urine albumin result (an
+#   events `albuminuria_mg_24h`, or a lab 14957-5 / 2862-1 / 14959-1) collected from night - 6
+#   months to the night. Raised on the first such night; a new result ends it. Planted dates are
+#   chosen so "result + 6 months >= night" agrees with "result >= night - 6 months".
+# - Denosumab: only DENTAL_EXAM_MISSING and HYPOCALCEMIA concern it; `denosumab_course` gives
+#   every other rule a reason to fire if it wrongly did (no pre-dose SCr, an SCr rise of 0.6 mg/dL,
+#   a 24-h urine albumin of 900 mg, a course past 12 months, no urine albumin for months).
 
 
 # --- clinical helpers (own implementations, see module docstring) ---------------------------------
@@ -114,14 +216,24 @@ class _Plan:
     sex: str
     birth: date
     weight: float
-    therapy: str
-    therapy_start: date
+    therapy: str | None                  # None: no anti-myeloma therapy (MGUS, smouldering)
+    therapy_start: date | None
     agent: str = ZOL
     weight_jitter: float = 0.0           # kg either side of `weight`; 0 for planted patients
     doses: list[tuple[date, float]] = field(default_factory=list)
     scr: dict[date, float] = field(default_factory=dict)     # draw day -> SCr mg/dL
     alp: dict[date, float] = field(default_factory=dict)     # draw day -> ALP U/L (GGT alongside)
     alp_planted: set[date] = field(default_factory=set)      # ALP written with one decimal
+    # Planted values on a draw day (a day may hold only these). Any other draw day gets a routine
+    # calcium and albumin, and a routine GGT beside its ALP. None: no such result that day.
+    ca: dict[date, float] = field(default_factory=dict)      # mg/dL
+    alb: dict[date, float | None] = field(default_factory=dict)   # g/dL
+    ggt: dict[date, int | None] = field(default_factory=dict)     # U/L
+    urine: dict[date, int] | None = None  # 24-h urine albumin mg; None: every 90 days from dosing
+    spot: dict[date, int] = field(default_factory=dict)      # urine albumin/creatinine mg/g
+    dental: list[date] | None = None      # None: one exam 10-40 days before the first dose
+    diagnoses: list[tuple[date, str, str]] | None = None      # None: MM at the first visit
+    clock: int | None = None             # minute of day of every draw (timing-critical cases)
     si_creatinine: bool = False
     si_alp: bool = False
     noisy: bool = False                  # background only: some "F" statuses
@@ -129,8 +241,8 @@ class _Plan:
     expected: list[tuple[str, date]] = field(default_factory=list)
 
     @property
-    def first_dose(self) -> date:
-        return self.doses[0][0]
+    def first_dose(self) -> date | None:
+        return min(self.doses)[0] if self.doses else None
 
 
 @dataclass(frozen=True)
@@ -149,6 +261,11 @@ class _Window:
         # Two doses before the trigger, so the trigger never falls on the course's first cycle.
         x_lo = max(first + timedelta(days=2), course_lo + timedelta(days=60))
         return cls(first, last, course_lo, x_lo, last - timedelta(days=2))
+
+    @property
+    def new_lo(self) -> date:
+        """Earliest first dose of a course planted inside the window (no review by the last night)."""
+        return max(self.first + timedelta(days=2), self.course_lo)
 
 
 def _day(rng: random.Random, lo: date, hi: date) -> date:
@@ -439,20 +556,375 @@ def _review(rng: random.Random, win: _Window, scenario: str) -> _Plan:
     return plan
 
 
+# --- scenarios of the later rules (SPEC 5 from PRE_DOSE_SCR_MISSING on) -----------------------------
+
+def _pick(rng: random.Random, lo: date, hi: date, ok) -> date:
+    """A random day in [lo, hi] for which `ok(day)` holds."""
+    days = [lo + timedelta(days=i) for i in range((hi - lo).days + 1)]
+    days = [d for d in days if ok(d)]
+    if not days:  # pragma: no cover - the window arithmetic guarantees candidates for >= 14 nights
+        raise RuntimeError(f"no day between {lo} and {hi} fits")
+    return rng.choice(days)
+
+
+def _in_window(win: _Window, day: date) -> bool:
+    return win.first + timedelta(days=2) <= day <= win.x_hi
+
+
+def _patient(rng: random.Random, win: _Window, scenario: str, first_dose: date, agent: str, *,
+             start: date | None = None, alp_mean: float | None = None,
+             until: date | None = None) -> _Plan:
+    """A myeloma patient with a work-up panel and a routine course from `first_dose` to `until`
+    (default the last night; no dose at all if it begins later). CrCl stays > 60 (4.0 mg band)."""
+    sex, birth, weight = _body(rng, win, 1.0)
+    regimen = rng.choice(("bortezomib", "bortezomib", "lenalidomide"))
+    plan = _Plan(scenario, sex, birth, weight, regimen, start or _start(rng, first_dose), agent)
+    base = round(rng.uniform(0.7, 0.95), 2)
+    alp_mean = alp_mean or float(rng.randint(65, 105))
+    _pretherapy(rng, plan, base, 0.05, alp_mean)
+    _course(rng, plan, _schedule(first_dose, until or win.last), DOSE_MG[agent], base, 0.05,
+            alp_mean)
+    return plan
+
+
+def _running(rng: random.Random, win: _Window, scenario: str, trigger: date, agent: str,
+             **kwargs) -> _Plan:
+    """A patient whose course began at least two cycles before `trigger`; a dose on trigger + 2."""
+    return _patient(rng, win, scenario, _existing_course(rng, win, trigger), agent, **kwargs)
+
+
+def _draw_before(plan: _Plan, dose: date) -> date:
+    """The pre-dose draw of `dose` (1-3 days before it)."""
+    return next(d for d in sorted(plan.scr) if dose - timedelta(days=3) <= d < dose)
+
+
+def _move_draw(plan: _Plan, old: date, new: date) -> None:
+    for values in (plan.scr, plan.alp):
+        if old in values:
+            values[new] = values.pop(old)
+
+
+def _drop_alp(plan: _Plan, lo: date, hi: date) -> None:
+    """No ALP (so no routine GGT beside it) collected in [lo, hi]; the SCr of those draws stays."""
+    for day in [d for d in plan.alp if lo <= d <= hi]:
+        del plan.alp[day]
+        plan.alp_planted.discard(day)
+
+
+def _baseline_alp(rng: random.Random, plan: _Plan, value: float) -> None:
+    """Pin the ALP baseline (SPEC 4): the only ALP in the 30 days up to therapy start."""
+    start = plan.therapy_start
+    _drop_alp(plan, start - timedelta(days=30), start)
+    day = start - timedelta(days=rng.randint(1, 5))
+    plan.alp[day] = value
+    plan.alp_planted.add(day)
+
+
+def _monitor_alps(rng: random.Random, plan: _Plan, mean: float, skip: int | None = None) -> None:
+    """An ALP within 10 days of the 3- and 6-month dates (not `skip`): ALP_MONITOR_DUE stays quiet."""
+    for months in (3, 6):
+        if months != skip:
+            day = add_months(plan.therapy_start, months) + timedelta(days=rng.randint(-10, 10))
+            plan.alp.setdefault(day, _routine_alp(rng, mean))
+
+
+def _urine_series(rng: random.Random, start: date, until: date) -> dict[date, int]:
+    """A 24-h urine albumin every 90 days, normal values."""
+    series, day = {}, start
+    while day <= until:
+        series[day] = rng.randint(50, 200)
+        day += timedelta(days=90)
+    return series
+
+
+def _pre_dose(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """A bisphosphonate dose whose only recent SCr was drawn 8 days before it (7: near miss)."""
+    dose = _day(rng, win.x_lo, win.x_hi)
+    plan = _running(rng, win, scenario, dose - timedelta(days=2), rng.choice((ZOL, PAM)))
+    gap = 8 if scenario == "pre_dose_scr_missing" else 7
+    _move_draw(plan, _draw_before(plan, dose), dose - timedelta(days=gap))
+    if gap == 8:
+        plan.expected.append(("PRE_DOSE_SCR_MISSING", dose))
+    return plan
+
+
+def _alp_start(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """An ALP baseline of 131 U/L (130: near miss) and when the bisphosphonate starts."""
+    agent = rng.choice((ZOL, PAM))
+    baseline = 130.0 if scenario == "alp_elevated_start_uln" else 131.0
+    if scenario == "alp_elevated_start_on_course":
+        # Therapy (a new line) starts on a course that is already running.
+        # Two cycles before therapy start (as `_existing_course` needs).
+        raised = _day(rng, max(win.first + timedelta(days=2),
+                               win.course_lo + timedelta(days=2 * DOSE_INTERVAL + 31)), win.x_hi)
+        start = raised - timedelta(days=31)
+        plan = _running(rng, win, scenario, start, agent, alp_mean=baseline)
+        plan.therapy_start = start
+    else:
+        raised = _day(rng, win.new_lo + timedelta(days=1), win.x_hi)
+        start = raised - timedelta(days=31)
+        first_dose = start + timedelta(days=30 if scenario == "alp_elevated_start_dose_day_30"
+                                        else 31 + rng.randint(10, 40))
+        plan = _patient(rng, win, scenario, first_dose, agent, start=start, alp_mean=baseline)
+    _baseline_alp(rng, plan, baseline)
+    if scenario == "alp_elevated_start_uln":
+        # Not above normal: no ALP around 3 and 6 months either, and ALP_MONITOR_DUE stays quiet.
+        for months in (3, 6):
+            due = add_months(start, months)
+            _drop_alp(plan, due - timedelta(days=14), due + timedelta(days=14))
+    else:
+        _monitor_alps(rng, plan, baseline)
+    if scenario == "alp_elevated_start":
+        plan.expected.append(("ALP_ELEVATED_START", raised))
+    return plan
+
+
+def _alp_monitor(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """An elevated ALP baseline and no ALP within 14 days of the 3- or 6-month date (or one ALP
+    exactly 14 days before or after it: the near miss)."""
+    months = {"alp_monitor_due_3m": 3, "alp_monitor_due_6m": 6}.get(scenario) or rng.choice((3, 6))
+    start = _pick(rng, add_months(win.first, -months) - timedelta(days=20),
+                  add_months(win.last, -months),
+                  lambda d: d >= win.course_lo
+                  and _in_window(win, add_months(d, months) + timedelta(days=15)))
+    baseline = float(rng.randint(135, 220))
+    plan = _patient(rng, win, scenario, start + timedelta(days=rng.randint(7, 20)),
+                    rng.choice((ZOL, PAM)), start=start, alp_mean=baseline)
+    _baseline_alp(rng, plan, baseline)
+    due = add_months(start, months)
+    _drop_alp(plan, due - timedelta(days=14), due + timedelta(days=14))
+    if scenario == "alp_monitor_window_edge":
+        plan.alp[due + timedelta(days=rng.choice((-14, 14)))] = _routine_alp(rng, baseline)
+    else:
+        plan.expected.append(("ALP_MONITOR_DUE", due + timedelta(days=15)))
+    _monitor_alps(rng, plan, baseline, skip=months)
+    return plan
+
+
+def _alp_nonbone(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """An ALP above 130 U/L with a GGT above 55 U/L within 7 days, and near misses."""
+    day = _day(rng, win.x_lo, win.x_hi)
+    plan = _running(rng, win, scenario, day, rng.choice((ZOL, PAM)))
+    high_alp, high_ggt = float(rng.randint(140, 220)), rng.randint(60, 150)
+    same_draw = {"alp_nonbone_cause": (131.0, 56), "alp_nonbone_ggt_55": (high_alp, 55),
+                 "alp_nonbone_alp_130": (130.0, high_ggt)}
+    alp, ggt, alp_day, ggt_day = high_alp, high_ggt, day, day
+    if scenario in same_draw:
+        alp, ggt = same_draw[scenario]
+    elif scenario == "alp_nonbone_cause_7_days":
+        alp_day, ggt_day = rng.choice(((day - timedelta(days=7), day),
+                                       (day, day - timedelta(days=7))))
+    else:  # alp_nonbone_8_days
+        after = rng.random() < 0.5 and day + timedelta(days=8) <= win.last
+        ggt_day = day + timedelta(days=8 if after else -8)
+    # Nothing else within 8 days of the ALP: no other ALP to become the latest, no other GGT.
+    _drop_alp(plan, alp_day - timedelta(days=8), alp_day + timedelta(days=8))
+    plan.alp[alp_day] = alp
+    plan.alp_planted.add(alp_day)
+    plan.ggt[alp_day] = None
+    plan.ggt[ggt_day] = ggt
+    if scenario in ("alp_nonbone_cause", "alp_nonbone_cause_7_days"):
+        plan.expected.append(("ALP_NONBONE_CAUSE", max(alp_day, ggt_day)))
+    return plan
+
+
+def _calcium(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """A low corrected calcium on a bone-modifying agent, at 8.49 and 8.50, and the albumin edges."""
+    if scenario == "hypocalcemia_off_agent":
+        # 8.49 corrected, but before the first dose: no agent yet; the pre-dose draw is normal.
+        day = _day(rng, win.new_lo, win.x_hi)
+        plan = _patient(rng, win, scenario, day + timedelta(days=rng.randint(5, 25)),
+                        rng.choice((ZOL, PAM)))
+        plan.clock = 9 * 60
+        plan.ca[day], plan.alb[day] = 8.01, 3.4
+        return plan
+    day = _day(rng, win.x_lo, win.x_hi - timedelta(days=1))
+    agent = DEN if scenario == "hypocalcemia_denosumab" else rng.choice((ZOL, PAM))
+    plan = _running(rng, win, scenario, day, agent)        # a dose on day + 2
+    plan.clock = 9 * 60   # every result at 09:00: 48 hours and 2 calendar days agree
+    _move_draw(plan, _draw_before(plan, day + timedelta(days=2)), day)
+    back = lambda n: day + timedelta(days=n)  # noqa: E731
+    if scenario in ("hypocalcemia", "hypocalcemia_denosumab"):
+        plan.ca[day], plan.alb[day] = 8.01, 3.4           # 8.01 + 0.8 x 0.6 = 8.49
+        plan.expected.append(("HYPOCALCEMIA", day))
+    elif scenario == "hypocalcemia_near_miss":
+        plan.ca[day], plan.alb[day] = 8.02, 3.4           # 8.50
+    elif scenario == "hypocalcemia_uncorrected":
+        plan.ca[day], plan.alb[day] = 8.49, None          # nearest albumin 3 days before: raw
+        plan.alb[back(-3)] = 3.0                          # (it would correct to 9.29)
+        plan.expected.append(("HYPOCALCEMIA", day))
+    elif scenario == "hypocalcemia_albumin_2_days":
+        plan.ca[day], plan.alb[day] = 8.2, None           # albumin exactly 2 days before: 8.60
+        plan.alb[back(-2)] = 3.5
+    else:  # hypocalcemia_albumin_tie: 1 day before (-> 8.90) and 1 day after (-> 8.42): the later
+        plan.ca[day], plan.alb[day] = 8.1, None
+        plan.alb[back(-1)], plan.alb[back(1)] = 3.0, 3.6
+        plan.expected.append(("HYPOCALCEMIA", back(1)))
+    return plan
+
+
+def _mgus(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """A bisphosphonate started in MGUS or smouldering myeloma, and the diagnoses that excuse it."""
+    first_dose = _day(rng, win.new_lo, win.x_hi)
+    agent = DEN if scenario == "mgus_on_denosumab" else rng.choice((ZOL, PAM))
+    kind = "SMM" if scenario == "smm_on_bisphosphonate" else "MGUS"
+    found = first_dose - timedelta(days=rng.randint(120, 700))
+    diagnoses = [(found, kind, "D47.2" if kind == "MGUS" else "")]
+    if scenario == "mgus_progressed_to_mm":
+        # Progressed to myeloma before the course: therapy starts after the MM diagnosis.
+        diagnoses.append((_day(rng, found + timedelta(days=30), first_dose - timedelta(days=40)),
+                          "MM", "C90.00"))
+        plan = _patient(rng, win, scenario, first_dose, agent)
+    else:
+        sex, birth, weight = _body(rng, win, 1.0)
+        plan = _Plan(scenario, sex, birth, weight, None, None, agent)
+        base = round(rng.uniform(0.7, 0.95), 2)
+        _course(rng, plan, _schedule(first_dose, win.last), DOSE_MG[agent], base, 0.05,
+                float(rng.randint(65, 105)))
+    if scenario == "mgus_with_osteoporosis":
+        diagnoses.append((first_dose - timedelta(days=rng.randint(20, 600)), "osteoporosis",
+                          "M81.0"))
+    plan.diagnoses = sorted(diagnoses)
+    if scenario in ("mgus_on_bisphosphonate", "smm_on_bisphosphonate"):
+        plan.expected.append(("MGUS_ON_BISPHOSPHONATE", first_dose))
+    return plan
+
+
+def _dental(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """A course's first dose with the last dental exam 6 months and a day before it (or exactly 6
+    months: near miss), none at all (denosumab), or only before an earlier course."""
+    first_dose = _pick(rng, win.new_lo, win.x_hi, lambda d: d.day <= 28)
+    agent = DEN if scenario == "dental_exam_missing_denosumab" else rng.choice((ZOL, PAM))
+    if scenario == "dental_exam_missing_new_course":
+        # A short first course, then more than 180 days without a dose: a new course.
+        cycles = rng.randint(3, 6)
+        last_dose = first_dose - timedelta(days=rng.randint(190, 260))
+        earlier = last_dose - timedelta(days=DOSE_INTERVAL * (cycles - 1))
+        plan = _patient(rng, win, scenario, earlier, agent, until=last_dose)
+        _course(rng, plan, _schedule(first_dose, win.last), DOSE_MG[agent],
+                round(rng.uniform(0.7, 0.95), 2), 0.05, float(rng.randint(65, 105)))
+        plan.dental = [earlier - timedelta(days=rng.randint(10, 40))]
+    else:
+        plan = _patient(rng, win, scenario, first_dose, agent)
+        six_months = add_months(first_dose, -6)
+        plan.dental = {"dental_exam_missing": [six_months - timedelta(days=1)],
+                       "dental_exam_near_miss": [six_months]}.get(scenario, [])
+    if scenario != "dental_exam_near_miss":
+        plan.expected.append(("DENTAL_EXAM_MISSING", first_dose))
+    return plan
+
+
+def _albuminuria(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """A 24-h urine albumin of 501 mg (500: near miss) on a running bisphosphonate course."""
+    day = _day(rng, win.x_lo, win.x_hi)
+    plan = _running(rng, win, scenario, day, rng.choice((ZOL, PAM)))
+    plan.urine = _urine_series(rng, plan.first_dose - timedelta(days=5), win.last)
+    if scenario == "albuminuria_near_miss":
+        plan.urine[day] = URINE_ALBUMIN_MAX
+        return plan
+    plan.urine[day] = URINE_ALBUMIN_MAX + 1
+    # The nurse holds the bisphosphonate and rechecks 3-4 weeks later: normal, dosing resumes.
+    recheck = day + timedelta(days=rng.randint(21, 28))
+    plan.urine[recheck] = rng.randint(150, 400)
+    plan.doses = [(d, mg) for d, mg in plan.doses if not day < d <= recheck]
+    plan.expected.append(("ALBUMINURIA", day))
+    return plan
+
+
+def _urine(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """No urine albumin for 6 months and a day on a course at least 6 months old, and near misses."""
+    agent = rng.choice((ZOL, PAM))
+    if scenario == "urine_albumin_due_new_course":
+        # Never checked: due the day the course is 6 months old; checked a few days later.
+        first_dose = _pick(rng, add_months(win.first, -6) - timedelta(days=5),
+                           add_months(win.last, -6),
+                           lambda d: d >= win.course_lo and d.day <= 28
+                           and _in_window(win, add_months(d, 6)))
+        plan = _patient(rng, win, scenario, first_dose, agent)
+        raised = add_months(first_dose, 6)
+        plan.urine = _urine_series(rng, raised + timedelta(days=rng.randint(1, 10)), win.last)
+        plan.expected.append(("URINE_ALBUMIN_DUE", raised))
+        return plan
+    # `last_result` is the last urine albumin for 6 months; the night after 6 months have passed
+    # (`due`) is inside the window. Both ways of counting months back must agree on `due`.
+    shift = 0 if scenario == "urine_albumin_due_near_miss" else 1
+
+    def fits(day: date) -> bool:
+        due = add_months(day, 6) + timedelta(days=shift)
+        return (day >= win.course_lo + timedelta(days=10) and day.day <= 28
+                and _in_window(win, due) and add_months(due - timedelta(days=shift), -6) == day
+                and (shift == 0 or add_months(due, -6) > day))
+
+    last_result = _pick(rng, add_months(win.first, -6) - timedelta(days=5),
+                        add_months(win.last, -6), fits)
+    due = add_months(last_result, 6) + timedelta(days=shift)
+    first_dose = _day(rng, win.course_lo, last_result - timedelta(days=10))
+    plan = _patient(rng, win, scenario, first_dose, agent)
+    plan.urine, day = {}, last_result
+    while day >= first_dose - timedelta(days=90):
+        plan.urine[day] = rng.randint(50, 200)
+        day -= timedelta(days=90)
+    if scenario == "urine_albumin_due_near_miss":
+        # The result 6 months back still counts on `due`; the next one comes the day after.
+        plan.urine.update(_urine_series(rng, due + timedelta(days=1), win.last))
+    elif scenario == "urine_albumin_spot_tests":
+        # The ward switched to spot albumin/creatinine ratios every 90 days: they count.
+        day = last_result + timedelta(days=90)
+        while day <= win.last:
+            plan.spot[day] = rng.randint(5, 25)
+            day += timedelta(days=90)
+    else:
+        plan.urine.update(_urine_series(rng, due + timedelta(days=rng.randint(1, 10)), win.last))
+        plan.expected.append(("URINE_ALBUMIN_DUE", due))
+    return plan
+
+
+def _denosumab(rng: random.Random, win: _Window, scenario: str) -> _Plan:
+    """Denosumab for more than a year: only DENTAL_EXAM_MISSING and HYPOCALCEMIA concern it, and
+    both stay quiet; every bisphosphonate-only rule has a reason to fire if it wrongly looked."""
+    first_dose = win.last - timedelta(days=rng.randint(400, 600))
+    sex, birth, weight = _body(rng, win, 1.0)
+    plan = _Plan(scenario, sex, birth, weight, "bortezomib", _start(rng, first_dose), DEN)
+    base, alp_mean = round(rng.uniform(0.7, 0.95), 2), float(rng.randint(65, 105))
+    _pretherapy(rng, plan, base, 0.05, alp_mean)
+    for i, day in enumerate(_schedule(first_dose, win.last)):
+        plan.doses.append((day, DOSE_MG[DEN]))
+        if i % 2 == 0:  # a blood test every other dose, 10 days before it: no SCr in 7 days
+            draw = day - timedelta(days=10)
+            plan.scr[draw] = _jitter(rng, base, 0.05)
+            plan.alp[draw] = _routine_alp(rng, alp_mean)
+    plan.scr[_day(rng, win.first + timedelta(days=2), win.x_hi)] = round(base + 0.6, 2)
+    plan.urine = {_day(rng, win.first + timedelta(days=2), win.x_hi): 900}
+    return plan
+
+
 _BUILDERS = {
     "background": lambda rng, win, _: _background(rng, win),
     **{name: _renal for name in PLANTED if name.startswith("renal_")},
     **{name: _dose_band for name in PLANTED if name.startswith("dose_band_")},
-    **{name: _alp for name in PLANTED if name.startswith("alp_")},
+    **{name: _alp for name in PLANTED if name.startswith("alp_rise_")},
     "review_1y": _review,
     "review_2y": _review,
+    **{name: _pre_dose for name in PLANTED if name.startswith("pre_dose_")},
+    **{name: _alp_start for name in PLANTED if name.startswith("alp_elevated_")},
+    **{name: _alp_monitor for name in PLANTED if name.startswith("alp_monitor_")},
+    **{name: _alp_nonbone for name in PLANTED if name.startswith("alp_nonbone_")},
+    **{name: _calcium for name in PLANTED if name.startswith("hypocalcemia")},
+    **{name: _mgus for name in PLANTED if name.startswith(("mgus_", "smm_"))},
+    **{name: _dental for name in PLANTED if name.startswith("dental_")},
+    **{name: _albuminuria for name in PLANTED if name.startswith("albuminuria")},
+    **{name: _urine for name in PLANTED if name.startswith("urine_")},
+    "denosumab_course": _denosumab,
 }
 
 
 def _assign(rng: random.Random, patients: int) -> list[str]:
-    """One scenario a patient: every planted one first (shuffled), then a background-heavy cycle."""
-    first = list(PLANTED)
-    rng.shuffle(first)
+    """One scenario a patient: the covering set, then every other planted one (each part
+    shuffled), then a background-heavy cycle."""
+    covering, rest = list(COVERING), [s for s in PLANTED if s not in COVERING]
+    rng.shuffle(covering)
+    rng.shuffle(rest)
+    first = covering + rest
     cycle = list(PLANTED) + ["background"] * BACKGROUND_PER_ROUND
     rng.shuffle(cycle)
     return [first[i] if i < len(first) else cycle[(i - len(first)) % len(cycle)]
@@ -498,30 +970,41 @@ def _render(rng: random.Random, pid: str, plan: _Plan, win: _Window, ids: _Ids,
             lab(day, _stamp(rng, day, 12 * 60), WEIGHT, f"{kg:.1f}", "kg")
 
     first_dose = plan.first_dose
-    earliest = min([plan.therapy_start, first_dose, *plan.scr, *plan.alp])
+    draws = set(plan.scr) | set(plan.alp) | set(plan.ca) | set(plan.alb) | set(plan.ggt)
+    marks = [*draws, *plan.spot, *(plan.urine or ()), *(plan.dental or ()),
+             *(day for day, _, _ in plan.diagnoses or ())]
+    marks += [day for day in (plan.therapy_start, first_dose) if day is not None]
+    earliest = min(marks)
     diagnosed = earliest - timedelta(days=rng.randint(20, 200))
-    event(diagnosed, "diagnosis", "MM", "C90.00")
+    for day, value, code in plan.diagnoses or [(diagnosed, "MM", "C90.00")]:
+        event(day, "diagnosis", value, code)
     event(diagnosed, "birth_date", plan.birth.isoformat())
     event(diagnosed, "sex", plan.sex)
-    event(diagnosed, "bone_disease", "active")
+    event(diagnosed, "bone_disease", "active" if plan.therapy else "none")
     weights = {diagnosed}
-    event(plan.therapy_start, "myeloma_therapy_start", plan.therapy)
-    dental = first_dose - timedelta(days=rng.randint(10, 40))
-    event(dental, "dental_exam", "completed")
-    weights.add(dental)
-    for day, mg in plan.doses:
-        detail = f"{mg:.0f}" if plan.agent == PAM else f"{mg:.1f}"
+    if plan.therapy_start is not None:
+        event(plan.therapy_start, "myeloma_therapy_start", plan.therapy)
+    dental = plan.dental
+    if dental is None:
+        dental = [first_dose - timedelta(days=rng.randint(10, 40))] if first_dose else []
+    for day in dental:
+        event(day, "dental_exam", "completed")
+        weights.add(day)
+    for day, mg in sorted(plan.doses):
+        detail = f"{mg:.1f}" if plan.agent == ZOL else f"{mg:.0f}"
         event(day, "bisphosphonate_dose", plan.agent, detail, f"{day.isoformat()}T14:00:00+00:00")
         weights.add(day)
-    day = first_dose - timedelta(days=5)
-    while day <= win.last:
-        event(day, "albuminuria_mg_24h", str(rng.randint(50, 200)))
-        day += timedelta(days=90)
-    day = plan.therapy_start + timedelta(days=90)
-    while day <= win.last:
-        event(day, "response", rng.choice(("VGPR", "PR", "CR")))
-        event(day, "bone_disease", rng.choice(("active", "none")))
-        day += timedelta(days=120)
+    urine = plan.urine
+    if urine is None:
+        urine = _urine_series(rng, first_dose - timedelta(days=5), win.last) if first_dose else {}
+    for day, mg in sorted(urine.items()):
+        event(day, "albuminuria_mg_24h", str(mg))
+    if plan.therapy_start is not None:
+        day = plan.therapy_start + timedelta(days=90)
+        while day <= win.last:
+            event(day, "response", rng.choice(("VGPR", "PR", "CR")))
+            event(day, "bone_disease", rng.choice(("active", "none")))
+            day += timedelta(days=120)
     # A weight within 90 days before every creatinine, so CrCl can always be computed.
     known = sorted(weights)
     for draw in sorted(plan.scr):
@@ -531,16 +1014,25 @@ def _render(rng: random.Random, pid: str, plan: _Plan, win: _Window, ids: _Ids,
     for day in known:
         weigh(day)
 
-    for day in sorted(set(plan.scr) | set(plan.alp)):
-        stamp = _stamp(rng, day, rng.randrange(7 * 60, 12 * 60, 5))  # one specimen, one time
+    for day in sorted(draws):
+        minute = plan.clock if plan.clock is not None else rng.randrange(7 * 60, 12 * 60, 5)
+        stamp = _stamp(rng, day, minute)  # one specimen, one time
+        routine = day in plan.scr or day in plan.alp
         if day in plan.scr:
             mg_dl = plan.scr[day]
             if plan.si_creatinine:
                 lab(day, stamp, SCR_SI, f"{mg_dl * 88.4:.1f}", "umol/L")
             else:
                 lab(day, stamp, SCR, f"{mg_dl:.2f}", "mg/dL")
-        lab(day, stamp, CA, f"{rng.uniform(9.0, 9.8):.1f}", "mg/dL")
-        lab(day, stamp, ALB, f"{rng.uniform(3.6, 4.4):.1f}", "g/dL")
+        if day in plan.ca:
+            lab(day, stamp, CA, f"{plan.ca[day]:.2f}", "mg/dL")
+        elif routine:
+            lab(day, stamp, CA, f"{rng.uniform(9.0, 9.8):.1f}", "mg/dL")
+        if day in plan.alb:
+            if plan.alb[day] is not None:
+                lab(day, stamp, ALB, f"{plan.alb[day]:.1f}", "g/dL")
+        elif routine:
+            lab(day, stamp, ALB, f"{rng.uniform(3.6, 4.4):.1f}", "g/dL")
         if day in plan.alp:
             u_l = plan.alp[day]
             if plan.si_alp:
@@ -549,7 +1041,13 @@ def _render(rng: random.Random, pid: str, plan: _Plan, win: _Window, ids: _Ids,
                 lab(day, stamp, ALP, f"{u_l:.1f}", "U/L")
             else:
                 lab(day, stamp, ALP, f"{u_l:.0f}", "U/L")
+        if day in plan.ggt:
+            if plan.ggt[day] is not None:
+                lab(day, stamp, GGT, str(plan.ggt[day]), "U/L")
+        elif day in plan.alp:
             lab(day, stamp, GGT, str(rng.randint(15, 45)), "U/L")
+    for day, ratio in sorted(plan.spot.items()):
+        lab(day, _stamp(rng, day, 10 * 60), URINE_ACR, str(ratio), "mg/g")
 
 
 def _bad_row(kind: str, pid: str, rid: str, night: date) -> tuple:
@@ -596,7 +1094,8 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
     nights end there (>= 14). Out, under `out`: `history/{labs,events}.csv` (everything before the
     first night), `inbox/YYYY-MM-DD/{labs,events}.csv` (what was collected or happened that day;
     only days with rows), `expected_alerts.jsonl` (one {patient_id, rule, raised_on, scenario} a
-    line, sorted) and `manifest.json`. The same arguments always give byte-identical files.
+    line, sorted) and `manifest.json` (counts, and `patient_scenarios`: patient_id -> scenario).
+    The same arguments always give byte-identical files.
     """
     if patients < 1:
         raise ValueError("patients must be at least 1")
@@ -633,7 +1132,7 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
     # ~1 % extra rows the ingest must quarantine, nightly files only, on background patients so
     # that no planted scenario depends on how they are handled.
     total = sum(len(rows) for rows in nightly_labs.values())
-    bad_rows = max(1, round(total * BAD_ROW_SHARE)) if total else 0
+    bad_rows = max(len(BAD_KINDS), round(total * BAD_ROW_SHARE)) if total else 0
     hosts = [p for p, s in zip(mrns, scenarios, strict=True) if s == "background"] or mrns
     lab_nights = sorted(nightly_labs)
     for i in range(bad_rows):
@@ -664,6 +1163,7 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
         "nights": nights,
         "scenarios": {name: scenarios.count(name) for name in SCENARIOS},
         "bad_rows": bad_rows,
+        "patient_scenarios": dict(sorted(zip(mrns, scenarios, strict=True))),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

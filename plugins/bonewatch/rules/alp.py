@@ -68,3 +68,119 @@ def check_alp_rise_bortezomib(facts: Facts, settings: Settings) -> list[Finding]
             "therapy_start": iso(row.start), "regimen": row.regimen, "caveat": ALP_CAVEAT,
         }))
     return findings
+
+
+def above(rows: pd.DataFrame, limit: float) -> pd.Series:
+    """Strictly above `limit`; a censored value only when its bound decides it ('>130' does)."""
+    exact = (rows["censor"] == "") & (rows["value"] > limit + 1e-9)
+    bound = (rows["censor"] == ">") & (rows["value"] >= limit - 1e-9)
+    return exact | bound
+
+
+def elevated_baselines(facts: Facts, settings: Settings) -> pd.DataFrame:
+    """Therapy starts (any regimen) whose ALP baseline is above the upper limit of normal."""
+    bases = alp_baselines(facts, therapy_starts(facts), settings).dropna(subset=["base_value"])
+    return bases[bases["base_value"] > settings.clinical.alp_uln + 1e-9].reset_index(drop=True)
+
+
+def _flag_any(left: pd.DataFrame, right: pd.DataFrame, keep) -> pd.Series:
+    """For each row of `left`, whether some row of `right` for the same patient satisfies `keep`
+    (a function of the merged frame)."""
+    pairs = left.reset_index().merge(right, on="patient_id", suffixes=("", "_r"))
+    hit = pairs[keep(pairs)] if not pairs.empty else pairs
+    return pd.Series(left.index.isin(hit["index"]), index=left.index)
+
+
+def check_alp_elevated_start(facts: Facts, settings: Settings) -> list[Finding]:
+    """ALP baseline above normal, no bisphosphonate course active at therapy start and no dose in
+    the `days` after it; found from day start + days + 1 until a bisphosphonate is given."""
+    days = int(settings.rule("ALP_ELEVATED_START").params["days"])
+    as_of = pd.Timestamp(facts.as_of)
+    bases = elevated_baselines(facts, settings)
+    bases = bases[bases["start"] + pd.Timedelta(days=days + 1) <= as_of]
+    if bases.empty:
+        return []
+    courses = facts.courses[facts.courses["cls"] == "bisphosphonate"][["patient_id", "start", "end"]]
+    doses = facts.doses[facts.doses["cls"] == "bisphosphonate"][["patient_id", "day"]]
+    on_at_start = _flag_any(bases, courses, lambda m: (m["start_r"] <= m["start"]) & (m["end"] >= m["start"]))
+    # a dose on or after therapy start: given within the window, or since (the action is done)
+    dosed = _flag_any(bases, doses, lambda m: m["day"] >= m["start"])
+    bases = bases[~on_at_start & ~dosed]
+    bsap = facts.labs[facts.labs["analyte"].isin(["bsap_activity", "bsap_mass"])].groupby("patient_id").tail(1)
+    bsap = bsap.set_index("patient_id")
+    findings = []
+    for row in bases.itertuples(index=False):
+        opens = row.start + pd.Timedelta(days=days + 1)
+        note = ""
+        if row.patient_id in bsap.index:
+            last = bsap.loc[row.patient_id]
+            note = f" Latest bone-specific ALP: {last['value']:g} {last['unit']} on {iso(last['collected_day'])}."
+        findings.append(finding(settings, "ALP_ELEVATED_START", row.patient_id, f"therapy {iso(row.start)}", opens, {
+            "summary": (f"ALP baseline {row.base_value:.0f} U/L ({iso(row.base_day)}) is above "
+                        f"{settings.clinical.alp_uln:g} U/L at the start of {row.regimen} on {iso(row.start)}, "
+                        f"and no bisphosphonate was given in the {days} days after it.{note}"),
+            "baseline": {"value_u_l": num(row.base_value, 1), "date": iso(row.base_day), "kind": "total ALP",
+                         "rule": f"last ALP on or before therapy start, within {settings.clinical.alp_baseline_window_days} days"},
+            "uln_u_l": settings.clinical.alp_uln, "therapy_start": iso(row.start), "regimen": row.regimen,
+            "caveat": ALP_CAVEAT,
+        }))
+    return findings
+
+
+def check_alp_monitor_due(facts: Facts, settings: Settings) -> list[Finding]:
+    """For an above-normal ALP baseline: no ALP within +/- window_days of 3 and 6 months after therapy
+    start; found once that window has closed, until an ALP arrives after it."""
+    params = settings.rule("ALP_MONITOR_DUE").params
+    window = pd.Timedelta(days=int(params["window_days"]))
+    as_of = pd.Timestamp(facts.as_of)
+    bases = elevated_baselines(facts, settings)
+    if bases.empty:
+        return []
+    marks = pd.concat([bases.assign(months=int(m), due=bases["start"] + pd.DateOffset(months=int(m)))
+                       for m in params["months"]], ignore_index=True)
+    marks = marks[marks["due"] + window + pd.Timedelta(days=1) <= as_of]
+    alp = facts.labs[facts.labs["analyte"] == "alp"][["patient_id", "collected_day"]]
+    # an ALP in the window, or one after it (the order was done late): nothing is due
+    measured = _flag_any(marks, alp, lambda m: m["collected_day"] >= m["due"] - window)
+    findings = []
+    for row in marks[~measured].itertuples(index=False):
+        findings.append(finding(settings, "ALP_MONITOR_DUE", row.patient_id,
+                                f"therapy {iso(row.start)}; month {row.months}", row.due + window + pd.Timedelta(days=1), {
+            "summary": (f"ALP was {row.base_value:.0f} U/L (above normal) before therapy started on "
+                        f"{iso(row.start)}; no ALP was measured within {window.days} days of the "
+                        f"{row.months}-month mark ({iso(row.due)})."),
+            "due": iso(row.due), "window": {"from": iso(row.due - window), "to": iso(row.due + window)},
+            "baseline": {"value_u_l": num(row.base_value, 1), "date": iso(row.base_day)},
+            "therapy_start": iso(row.start), "caveat": ALP_CAVEAT,
+        }))
+    return findings
+
+
+def check_alp_nonbone(facts: Facts, settings: Settings) -> list[Finding]:
+    """The latest ALP (collected in the last `recent_days`) above normal with a GGT above normal
+    within `days` of it: the ALP may be hepatic."""
+    params = settings.rule("ALP_NONBONE_CAUSE").params
+    as_of = pd.Timestamp(facts.as_of)
+    alp = facts.labs[facts.labs["analyte"] == "alp"].groupby("patient_id").tail(1)
+    alp = alp[alp["collected_day"] >= as_of - pd.Timedelta(days=int(params["recent_days"]))]
+    alp = alp[above(alp, settings.clinical.alp_uln)]
+    ggt = facts.labs[facts.labs["analyte"] == "ggt"]
+    ggt = ggt[above(ggt, settings.clinical.ggt_uln)]
+    pairs = alp.merge(ggt[["patient_id", "value", "collected_day"]], on="patient_id", suffixes=("", "_ggt"))
+    pairs = pairs[(pairs["collected_day_ggt"] - pairs["collected_day"]).abs() <= pd.Timedelta(days=int(params["days"]))]
+    pairs = pairs.sort_values("collected_day_ggt").groupby("patient_id").tail(1)
+    findings = []
+    for row in pairs.itertuples(index=False):
+        findings.append(finding(settings, "ALP_NONBONE_CAUSE", row.patient_id, f"ALP {iso(row.collected_day)}",
+                                max(row.collected_day, row.collected_day_ggt), {
+            "summary": (f"ALP {row.value:.0f} U/L on {iso(row.collected_day)} is above {settings.clinical.alp_uln:g} "
+                        f"U/L and GGT {row.value_ggt:.0f} U/L on {iso(row.collected_day_ggt)} is above "
+                        f"{settings.clinical.ggt_uln:g} U/L: the ALP may come from the liver."),
+            "alp": {"value_u_l": num(row.value, 1), "date": iso(row.collected_day), "kind": "total ALP"},
+            "ggt": {"value_u_l": num(row.value_ggt, 1), "date": iso(row.collected_day_ggt)},
+            "caveat": ALP_CAVEAT,
+        }))
+    return findings
+
+
+HEPATIC_NOTE = "ALP and GGT are both above normal now: this ALP may be hepatic, not bone."

@@ -45,9 +45,29 @@ def _dates(series: pd.Series) -> pd.Series:
     return pd.to_datetime(series).astype("datetime64[ns]")
 
 
+LAB_TEXT = ["result_id", "patient_id", "analyte", "censor", "unit", "status"]
+EVENT_TEXT = ["patient_id", "event_type", "value", "detail"]
+
+
+def _normalise(frame: pd.DataFrame, text: list[str]) -> pd.DataFrame:
+    """One string dtype for text columns and plain floats/timestamps, whatever the caller built
+    the frame with (store reads, parsed chunks, tests): merges between derived frames then line up."""
+    frame = frame.copy()
+    for column in text:
+        if column in frame.columns:
+            frame[column] = frame[column].astype("object").where(frame[column].notna(), "").astype("str")
+    if "value" in frame.columns and "analyte" in frame.columns:
+        frame["value"] = frame["value"].astype("float64")
+    for column in ("collected_at", "occurred_at"):
+        if column in frame.columns:
+            frame[column] = pd.to_datetime(frame[column]).astype("datetime64[ns]")
+    return frame
+
+
 def prepare(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Settings) -> Facts:
     """Restrict to `as_of`, then derive doses, courses and creatinine clearance."""
     cutoff = pd.Timestamp(as_of)
+    labs, events = _normalise(labs, LAB_TEXT), _normalise(events, EVENT_TEXT)
     labs = labs.assign(collected_day=_dates(labs["collected_date"]))
     labs = labs[(labs["collected_day"] <= cutoff) & labs["status"].isin(list(USABLE))]
     labs = labs.sort_values(["patient_id", "collected_at", "result_id"], kind="stable").reset_index(drop=True)
@@ -80,8 +100,11 @@ def build_courses(events: pd.DataFrame, cutoff: pd.Timestamp, settings: Settings
                           "stop_day": stop_rows["day"].to_numpy(),
                           # a stop without an agent stops the bisphosphonate class
                           "cls": agent_class(stop_rows["value"].replace("", "zoledronic_acid"))})
-    empty_courses = pd.DataFrame(columns=["patient_id", "cls", "course_no", "start", "start_at",
-                                          "last_dose", "end", "discontinued", "stopped_on"])
+    stamp = pd.Series(dtype="datetime64[ns]")
+    empty_courses = pd.DataFrame({"patient_id": pd.Series(dtype="str"), "cls": pd.Series(dtype="str"),
+                                  "course_no": pd.Series(dtype="int64"), "start": stamp, "start_at": stamp,
+                                  "last_dose": stamp, "last_dose_at": stamp, "end": stamp,
+                                  "discontinued": pd.Series(dtype=bool), "stopped_on": stamp})
     if doses.empty:
         doses["course_no"] = pd.Series(dtype="int64")
         doses["course_start"] = pd.Series(dtype="datetime64[ns]")
@@ -179,3 +202,31 @@ def creatinine_clearance(labs: pd.DataFrame, events: pd.DataFrame, settings: Set
     scr.loc[scr["censor"] != "", "crcl"] = np.nan
     scr.loc[(scr["censor"] != "") & (scr["crcl_missing"] == ""), "crcl_missing"] = "an exact creatinine (censored value)"
     return scr.drop(columns="_i").reset_index(drop=True)
+
+
+def add_months(day, months: int) -> pd.Timestamp:
+    """Calendar months, clamped at month end (SPEC 10): 31 August + 6 months = 28/29 February."""
+    return pd.Timestamp(day) + pd.DateOffset(months=months)
+
+
+def current_courses(facts: Facts, cls: str | None = None) -> pd.DataFrame:
+    """Courses active or held as of the night (not discontinued), optionally of one class."""
+    courses = facts.courses[~facts.courses["discontinued"].astype(bool)]
+    return courses if cls is None else courses[courses["cls"] == cls]
+
+
+def urine_albumin(facts: Facts, *, only_24h: bool) -> pd.DataFrame:
+    """Urine albumin results from events (albuminuria_mg_24h) and labs: patient_id, day, at, value,
+    censor, kind. Spot tests count as a result for URINE_ALBUMIN_DUE, never against the 24-h limit."""
+    ev = facts.events[facts.events["event_type"] == "albuminuria_mg_24h"]
+    frames = [pd.DataFrame({"patient_id": ev["patient_id"], "day": ev["day"], "at": ev["occurred_at"],
+                            "value": pd.to_numeric(ev["value"], errors="coerce"), "censor": "",
+                            "kind": "24-h urine albumin (mg/24 h)"})]
+    analytes = ["urine_albumin_24h"] if only_24h else ["urine_albumin_24h", "urine_albumin_spot"]
+    labs = facts.labs[facts.labs["analyte"].isin(analytes)]
+    frames.append(pd.DataFrame({"patient_id": labs["patient_id"], "day": labs["collected_day"],
+                                "at": labs["collected_at"], "value": labs["value"], "censor": labs["censor"],
+                                "kind": np.where(labs["analyte"] == "urine_albumin_24h",
+                                                 "24-h urine albumin (mg/24 h)", "spot urine albumin")}))
+    out = pd.concat([f for f in frames if not f.empty]) if any(not f.empty for f in frames) else frames[0]
+    return out.dropna(subset=["value"]).sort_values(["patient_id", "at"], kind="stable").reset_index(drop=True)

@@ -95,52 +95,66 @@ def renal_states(facts: Facts, baselines: pd.DataFrame, settings: Settings) -> p
     return rows
 
 
-def check_renal(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.DataFrame]:
-    """RENAL_HOLD and RENAL_RESUME findings for current bisphosphonate courses; also returns the
-    held state per current course (for DOSE_BAND)."""
+def check_renal(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.DataFrame, pd.DataFrame]:
+    """RENAL_HOLD and RENAL_RESUME findings for current bisphosphonate courses. Also returns the
+    renal hold state per current course (for DOSE_BAND) and the baselines (for the course index)."""
     baselines = renal_baselines(facts, settings)
     states = renal_states(facts, baselines, settings)
-    findings: list[Finding] = []
+    empty = pd.DataFrame(columns=["patient_id", "course_no", "held"])
     current = baselines[~baselines["discontinued"].astype(bool)] if not baselines.empty else baselines
     if current.empty or states.empty:
-        return findings, pd.DataFrame(columns=["patient_id", "course_no", "held"])
-    last = states.groupby(["patient_id", "course_no"], sort=False).tail(1)
-    last = last.merge(current[["patient_id", "course_no", "base_day", "base_crcl", "base_result_id"]],
-                      on=["patient_id", "course_no"])
+        return [], empty, baselines
+    key = ["patient_id", "course_no"]
+    last = states.groupby(key, sort=False).tail(1)
+    last = last.merge(current[[*key, "base_day", "base_crcl", "base_result_id"]], on=key)
+    crossings = (states[states["hold_starts"]][[*key, "collected_day", "value", "rise", "threshold"]]
+                 .rename(columns={"collected_day": "episode_day", "value": "cross_value", "rise": "cross_rise",
+                                  "threshold": "cross_threshold"})
+                 .drop_duplicates([*key, "episode_day"]))
+    resumes = (states[states["resumes"]][[*key, "collected_day", "value", "resume_limit", "crcl", "crcl_missing"]]
+               .groupby(key, sort=False).tail(1)
+               .rename(columns={"collected_day": "resume_day", "value": "resume_value", "crcl": "resume_crcl",
+                                "crcl_missing": "resume_crcl_missing", "resume_limit": "resume_at"}))
+    last = last.dropna(subset=["episode_day"]).merge(crossings, on=[*key, "episode_day"], how="left")
+    last = last.merge(resumes, on=key, how="left")
+    hold_rule = settings.rule("RENAL_HOLD").params
+    findings: list[Finding] = []
     for row in last.itertuples(index=False):
-        if pd.isna(row.episode_day):
-            continue
         episode = f"course {iso(row.start)}; hold {iso(row.episode_day)}"
-        course_rows = states[(states["patient_id"] == row.patient_id) & (states["course_no"] == row.course_no)]
-        crossing = course_rows[course_rows["hold_starts"] & (course_rows["collected_day"] == row.episode_day)].iloc[0]
         baseline = {"scr_mg_dl": num(row.base_value), "date": iso(row.base_day),
                     "rule": f"last creatinine on or before the course's first dose ({iso(row.start)}), "
                             f"within {settings.clinical.renal_baseline_window_days} days before it"}
         if row.held:
-            findings.append(finding(settings, "RENAL_HOLD", row.patient_id, episode, crossing.collected_day, {
-                "summary": (f"Serum creatinine {crossing.value:.2f} mg/dL on {iso(crossing.collected_day)} is "
-                            f"{crossing.rise:.2f} mg/dL above the renal baseline {row.base_value:.2f} mg/dL "
-                            f"({iso(row.base_day)}); the hold threshold is a rise of {crossing.threshold:.2f} mg/dL "
-                            f"for a baseline {'at or above' if crossing.threshold > settings.rule('RENAL_HOLD').params['rise_normal'] else 'below'} "
-                            f"{settings.rule('RENAL_HOLD').params['abnormal_baseline']:.1f} mg/dL."),
-                "scr": {"value_mg_dl": num(crossing.value), "date": iso(crossing.collected_day),
-                        "rise_mg_dl": num(crossing.rise), "threshold_mg_dl": num(crossing.threshold)},
+            above = row.cross_threshold > hold_rule["rise_normal"]
+            findings.append(finding(settings, "RENAL_HOLD", row.patient_id, episode, row.episode_day, {
+                "summary": (f"Serum creatinine {row.cross_value:.2f} mg/dL on {iso(row.episode_day)} is "
+                            f"{row.cross_rise:.2f} mg/dL above the renal baseline {row.base_value:.2f} mg/dL "
+                            f"({iso(row.base_day)}); the hold threshold is a rise of {row.cross_threshold:.2f} mg/dL "
+                            f"for a baseline {'at or above' if above else 'below'} "
+                            f"{hold_rule['abnormal_baseline']:.1f} mg/dL."),
+                "scr": {"value_mg_dl": num(row.cross_value), "date": iso(row.episode_day),
+                        "rise_mg_dl": num(row.cross_rise), "threshold_mg_dl": num(row.cross_threshold)},
+                "arithmetic": (f"{row.cross_value:.2f} - {row.base_value:.2f} = {row.cross_rise:.2f} mg/dL "
+                               f">= {row.cross_threshold:.2f}"),
                 "latest_scr": {"value_mg_dl": num(row.value), "date": iso(row.collected_day)},
                 "baseline": baseline, "course_start": iso(row.start),
             }))
-        elif row.resumes or (course_rows["resumes"] & (course_rows["collected_day"] >= row.episode_day)).any():
-            resumed = course_rows[course_rows["resumes"]].iloc[-1]
-            findings.append(finding(settings, "RENAL_RESUME", row.patient_id, episode, resumed.collected_day, {
-                "summary": (f"Serum creatinine {resumed.value:.2f} mg/dL on {iso(resumed.collected_day)} is back "
+        elif not pd.isna(row.resume_day) and row.resume_day >= row.episode_day:
+            crcl = ("CrCl not computed: no " + row.resume_crcl_missing if pd.isna(row.resume_crcl)
+                    else f"CrCl {row.resume_crcl:.1f} mL/min")
+            findings.append(finding(settings, "RENAL_RESUME", row.patient_id, episode, row.resume_day, {
+                "summary": (f"Serum creatinine {row.resume_value:.2f} mg/dL on {iso(row.resume_day)} is back "
                             f"within 10% of the renal baseline {row.base_value:.2f} mg/dL (limit "
-                            f"{resumed.resume_limit:.2f} mg/dL); the hold began {iso(row.episode_day)}."),
-                "scr": {"value_mg_dl": num(resumed.value), "date": iso(resumed.collected_day),
-                        "limit_mg_dl": num(resumed.resume_limit)},
+                            f"{row.resume_at:.2f} mg/dL); the hold began {iso(row.episode_day)}. {crcl}."),
+                "scr": {"value_mg_dl": num(row.resume_value), "date": iso(row.resume_day),
+                        "limit_mg_dl": num(row.resume_at)},
+                "arithmetic": f"{row.resume_value:.2f} <= 1.10 x {row.base_value:.2f} = {row.resume_at:.2f} mg/dL",
                 "hold_began": iso(row.episode_day), "baseline": baseline, "course_start": iso(row.start),
-                "crcl_ml_min": num(resumed.crcl, 1),
+                "crcl_ml_min": num(row.resume_crcl, 1),
+                "missing": None if not pd.isna(row.resume_crcl) else f"CrCl: no {row.resume_crcl_missing}",
             }))
-    held = last[["patient_id", "course_no", "held"]]
-    return findings, held
+    all_last = states.groupby(key, sort=False).tail(1)[[*key, "held"]]
+    return findings, all_last, baselines
 
 
 def check_dose_band(facts: Facts, held: pd.DataFrame, settings: Settings) -> list[Finding]:
@@ -180,3 +194,48 @@ def check_dose_band(facts: Facts, held: pd.DataFrame, settings: Settings) -> lis
             "target_dose": target, "course_start": iso(row.start),
         }, action=action))
     return findings
+
+
+def albuminuria_states(facts: Facts, settings: Settings) -> pd.DataFrame:
+    """24-h urine albumin of each current bisphosphonate course, with the ALBUMINURIA hold state:
+    held from a value above the limit until a later value at or below it."""
+    from bonewatch.rules.derive import current_courses, urine_albumin
+
+    limit = float(settings.rule("ALBUMINURIA").params["threshold_mg_24h"])
+    courses = current_courses(facts, "bisphosphonate")[["patient_id", "course_no", "start", "end"]]
+    rows = urine_albumin(facts, only_24h=True).merge(courses, on="patient_id")
+    rows = rows[(rows["day"] >= rows["start"]) & (rows["day"] <= rows["end"])]
+    rows = rows.sort_values(["patient_id", "course_no", "at"], kind="stable").reset_index(drop=True)
+    if rows.empty:
+        return rows.assign(held=pd.Series(dtype=bool), episode_day=pd.Series(dtype="datetime64[ns]"))
+    over = (rows["censor"] != "<") & (rows["value"] > limit + 1e-9)
+    under = (rows["censor"] != ">") & (rows["value"] <= limit + 1e-9)
+    mark = pd.Series(np.where(over, 1.0, np.where(under, 0.0, np.nan)), index=rows.index)
+    key = [rows["patient_id"], rows["course_no"]]
+    rows["held"] = mark.groupby(key).ffill().fillna(0.0).astype(bool)
+    starts = rows["held"] & ~rows["held"].groupby(key).shift(fill_value=False).astype(bool)
+    rows["episode_day"] = rows["day"].where(starts).groupby(key).ffill()
+    return rows
+
+
+def check_albuminuria(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.DataFrame]:
+    """ALBUMINURIA findings, and the held state per current course (for DOSE_BAND)."""
+    limit = float(settings.rule("ALBUMINURIA").params["threshold_mg_24h"])
+    rows = albuminuria_states(facts, settings)
+    if rows.empty:
+        return [], pd.DataFrame(columns=["patient_id", "course_no", "held"])
+    last = rows.groupby(["patient_id", "course_no"], sort=False).tail(1)
+    findings = []
+    for row in last[last["held"]].itertuples(index=False):
+        first = rows[(rows["patient_id"] == row.patient_id) & (rows["course_no"] == row.course_no)
+                     & (rows["day"] == row.episode_day)].iloc[0]
+        findings.append(finding(settings, "ALBUMINURIA", row.patient_id,
+                                f"course {iso(row.start)}; from {iso(row.episode_day)}", row.episode_day, {
+            "summary": (f"Urine albumin {first.value:.0f} mg/24 h on {iso(first.day)} is above {limit:.0f} mg/24 h"
+                        + (f"; the latest, {row.value:.0f} mg/24 h on {iso(row.day)}, is still above."
+                           if row.day != first.day else ".")),
+            "first_over": {"value_mg_24h": num(first.value, 0), "date": iso(first.day)},
+            "latest": {"value_mg_24h": num(row.value, 0), "date": iso(row.day)},
+            "limit_mg_24h": limit, "course_start": iso(row.start),
+        }))
+    return findings, last[["patient_id", "course_no", "held"]]

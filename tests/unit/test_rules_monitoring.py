@@ -1,0 +1,236 @@
+"""Table-driven tests of the monitoring, ALP, calcium and albuminuria rules (SPEC 5 and 10):
+exactly at each threshold, just inside, just outside, and with missing data."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.builders import History
+from tests.unit.test_rules import rules_fired
+
+
+def on_pamidronate(first="2025-01-05", scr_day="2025-01-03"):
+    h = History().person("p1", weight=80)
+    h.scr("p1", scr_day, 0.9).event("p1", "dental_exam", "2024-12-01")
+    return h.dose("p1", first, "pamidronate", "90")
+
+
+# ---- PRE_DOSE_SCR_MISSING --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("scr_day", "fires"), [
+    ("2024-12-29", False),   # dose day - 7: inside the window
+    ("2024-12-28", True),    # dose day - 8: outside
+    ("2025-01-05", False),   # the dose day itself counts
+    (None, True),            # no creatinine at all
+])
+def test_pre_dose_scr(scr_day, fires):
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01")
+    if scr_day:
+        h.scr("p1", scr_day, 0.9)
+    h.dose("p1", "2025-01-05", "pamidronate", "90")
+    found = rules_fired(h, "2025-01-05")
+    assert ("PRE_DOSE_SCR_MISSING" in found) is fires
+    if fires:
+        assert found["PRE_DOSE_SCR_MISSING"][0].episode == "dose 2025-01-05"
+
+
+def test_pre_dose_scr_not_for_denosumab():
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
+    assert "PRE_DOSE_SCR_MISSING" not in rules_fired(h, "2025-01-05")
+
+
+# ---- DENTAL_EXAM_MISSING ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("exam", "agent", "fires"), [
+    ("2024-07-05", "pamidronate", False),   # exactly 6 calendar months before
+    ("2024-07-04", "pamidronate", True),    # one day more
+    ("2025-01-05", "pamidronate", False),   # the same day
+    (None, "denosumab", True),              # denosumab too (ONJ)
+    ("2024-07-04", "zoledronic_acid", True),
+])
+def test_dental_exam(exam, agent, fires):
+    h = History().person("p1").scr("p1", "2025-01-03", 0.9)
+    if exam:
+        h.event("p1", "dental_exam", exam)
+    h.dose("p1", "2025-01-05", agent, {"pamidronate": "90", "denosumab": "120"}.get(agent, "4.0"))
+    found = rules_fired(h, "2025-01-05")
+    assert ("DENTAL_EXAM_MISSING" in found) is fires
+
+
+def test_dental_exam_month_end_clamp():
+    # 6 months before 31 August is 28 February (2025): an exam that day counts
+    h = History().person("p1").scr("p1", "2025-08-30", 0.9).event("p1", "dental_exam", "2025-02-28")
+    h.dose("p1", "2025-08-31", "pamidronate", "90")
+    assert "DENTAL_EXAM_MISSING" not in rules_fired(h, "2025-08-31")
+
+
+# ---- URINE_ALBUMIN_DUE -----------------------------------------------------------------------
+
+def monthly(h: History, first: str, n: int, agent="pamidronate"):
+    import pandas as pd
+
+    for day in pd.date_range(first, periods=n, freq="28D"):
+        d = day.date().isoformat()
+        h.scr("p1", (day - pd.Timedelta(days=2)).date().isoformat(), 0.9).dose("p1", d, agent, "90")
+    return h
+
+
+@pytest.mark.parametrize(("result_day", "as_of", "fires"), [
+    (None, "2025-07-04", False),           # course not yet 6 months old (started 2025-01-05)
+    (None, "2025-07-05", True),            # 6 months old, never tested
+    ("2025-01-20", "2025-07-20", False),   # exactly 6 months back: still inside the window
+    ("2025-01-20", "2025-07-21", True),
+])
+def test_urine_albumin_due(result_day, as_of, fires):
+    h = monthly(History().person("p1").event("p1", "dental_exam", "2024-12-01"), "2025-01-05", 8)
+    if result_day:
+        h.event("p1", "albuminuria_mg_24h", result_day, "120")
+    assert ("URINE_ALBUMIN_DUE" in rules_fired(h, as_of)) is fires
+
+
+def test_urine_albumin_spot_test_counts():
+    h = monthly(History().person("p1").event("p1", "dental_exam", "2024-12-01"), "2025-01-05", 8)
+    h.lab("p1", "urine_albumin_spot", "2025-06-01", 20)
+    assert "URINE_ALBUMIN_DUE" not in rules_fired(h, "2025-07-20")
+
+
+# ---- ALBUMINURIA -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "fires"), [("500", False), ("501", True), ("1200", True)])
+def test_albuminuria(value, fires):
+    h = on_pamidronate().event("p1", "albuminuria_mg_24h", "2025-02-01", value)
+    assert ("ALBUMINURIA" in rules_fired(h, "2025-02-01")) is fires
+
+
+def test_albuminuria_hold_ends_at_or_below_limit_and_blocks_dose_band():
+    h = History().person("p1", birth="1955-01-01", weight=70).event("p1", "dental_exam", "2024-12-01")
+    h.scr("p1", "2025-01-03", 1.0).dose("p1", "2025-01-05", "zoledronic_acid", "4.0")
+    h.event("p1", "albuminuria_mg_24h", "2025-02-01", "800")
+    h.scr("p1", "2025-02-02", 1.2)   # CrCl 56.7: a band change, but the course is held
+    found = rules_fired(h, "2025-02-02")
+    assert "ALBUMINURIA" in found and "DOSE_BAND" not in found
+    h.event("p1", "albuminuria_mg_24h", "2025-02-20", "500")
+    found = rules_fired(h, "2025-02-20")
+    assert "ALBUMINURIA" not in found and "DOSE_BAND" in found
+
+
+def test_albuminuria_only_on_a_bisphosphonate():
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
+    h.event("p1", "albuminuria_mg_24h", "2025-02-01", "900")
+    assert "ALBUMINURIA" not in rules_fired(h, "2025-02-01")
+
+
+# ---- HYPOCALCEMIA ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("calcium", "albumin", "albumin_day", "fires", "corrected"), [
+    (8.9, 3.5, "2025-02-01", False, 9.30),
+    (8.1, 3.5, "2025-02-01", False, 8.50),    # exactly 8.50 is not below
+    (8.09, 3.5, "2025-02-01", True, 8.49),
+    (8.4, 4.4, "2025-02-03", True, 8.08),     # albumin 2 days later still counts
+    (8.4, 2.0, "2025-02-04", True, 8.40),     # 3 days: uncorrected
+    (8.6, 2.0, "2025-02-04", False, 8.60),
+])
+def test_hypocalcemia(calcium, albumin, albumin_day, fires, corrected):
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", calcium).lab("p1", "albumin", albumin_day, albumin)
+    found = rules_fired(h, "2025-02-04")
+    assert ("HYPOCALCEMIA" in found) is fires
+    if fires:
+        evidence = found["HYPOCALCEMIA"][0].evidence
+        assert evidence["corrected_mg_dl"] == corrected
+        assert evidence["corrected"] is (albumin_day != "2025-02-04")
+
+
+def test_hypocalcemia_nearest_albumin_later_on_tie_and_denosumab():
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
+    h.lab("p1", "calcium", "2025-02-02", 8.3)
+    h.lab("p1", "albumin", "2025-02-01", 3.0).lab("p1", "albumin", "2025-02-03", 4.3)   # equally near: the later
+    found = rules_fired(h, "2025-02-03")
+    assert found["HYPOCALCEMIA"][0].evidence["corrected_mg_dl"] == 8.06
+
+
+def test_hypocalcemia_needs_an_agent_and_the_latest_value():
+    h = History().person("p1").lab("p1", "calcium", "2025-02-01", 7.5)
+    assert "HYPOCALCEMIA" not in rules_fired(h, "2025-02-01")
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", 7.5).lab("p1", "calcium", "2025-02-10", 9.2)
+    assert "HYPOCALCEMIA" not in rules_fired(h, "2025-02-10")
+
+
+# ---- MGUS_ON_BISPHOSPHONATE ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("diagnoses", "fires"), [
+    (["MGUS"], True), (["SMM"], True), (["MGUS", "MM"], False), (["MGUS", "osteoporosis"], False), (["MM"], False),
+])
+def test_mgus(diagnoses, fires):
+    h = on_pamidronate()
+    for dx in diagnoses:
+        h.event("p1", "diagnosis", "2024-06-01", dx)
+    assert ("MGUS_ON_BISPHOSPHONATE" in rules_fired(h, "2025-01-05")) is fires
+
+
+# ---- ALP_ELEVATED_START / ALP_MONITOR_DUE / ALP_NONBONE_CAUSE ---------------------------------
+
+def therapy(alp_baseline: float, start="2025-01-10"):
+    return History().event("p1", "myeloma_therapy_start", start, "bortezomib").lab("p1", "alp", "2025-01-08", alp_baseline)
+
+
+@pytest.mark.parametrize(("baseline", "dose_day", "as_of", "fires"), [
+    (131, None, "2025-02-10", True),           # start + 31: the first night after the 30 days
+    (131, None, "2025-02-09", False),          # start + 30: still inside the window
+    (130, None, "2025-02-10", False),          # exactly the upper limit of normal
+    (131, "2025-02-09", "2025-02-10", False),  # a dose on day 30
+])
+def test_alp_elevated_start(baseline, dose_day, as_of, fires):
+    h = therapy(baseline)
+    if dose_day:
+        h.scr("p1", "2025-02-08", 0.9).dose("p1", dose_day, "zoledronic_acid", "4.0")
+    found = rules_fired(h, as_of)
+    assert ("ALP_ELEVATED_START" in found) is fires
+    if fires:
+        assert found["ALP_ELEVATED_START"][0].observed_on.isoformat() == "2025-02-10"
+
+
+def test_alp_elevated_start_not_when_already_on_a_bisphosphonate():
+    h = therapy(200).scr("p1", "2024-12-01", 0.9).dose("p1", "2024-12-03", "pamidronate", "90")
+    assert "ALP_ELEVATED_START" not in rules_fired(h, "2025-03-01")
+
+
+@pytest.mark.parametrize(("alp_day", "as_of", "fires"), [
+    (None, "2025-04-24", False),          # 3 months = 2025-04-10; window closes after 04-24
+    (None, "2025-04-25", True),
+    ("2025-04-24", "2025-04-25", False),  # an ALP on due + 14 is inside
+    ("2025-03-27", "2025-04-25", False),  # due - 14 is inside
+    ("2025-03-26", "2025-04-25", True),   # due - 15 is not
+])
+def test_alp_monitor_due(alp_day, as_of, fires):
+    h = therapy(150)
+    if alp_day:
+        h.lab("p1", "alp", alp_day, 140)
+    found = rules_fired(h, as_of)
+    assert ("ALP_MONITOR_DUE" in found) is fires
+
+
+def test_alp_monitor_due_only_for_elevated_baseline_and_at_six_months():
+    assert "ALP_MONITOR_DUE" not in rules_fired(therapy(120), "2025-05-01")
+    found = rules_fired(therapy(150).lab("p1", "alp", "2025-04-10", 140), "2025-07-25")   # 6 months: 07-10
+    assert [f.episode for f in found["ALP_MONITOR_DUE"]] == ["therapy 2025-01-10; month 6"]
+
+
+@pytest.mark.parametrize(("alp", "ggt", "ggt_day", "as_of", "fires"), [
+    (140, 56, "2025-02-08", "2025-02-08", True),
+    (140, 55, "2025-02-08", "2025-02-08", False),    # GGT exactly at its limit
+    (130, 80, "2025-02-08", "2025-02-08", False),    # ALP exactly at its limit
+    (140, 80, "2025-02-09", "2025-02-09", False),    # 8 days apart
+    (140, 80, "2025-01-25", "2025-02-01", True),     # 7 days before the ALP
+    (140, 80, "2025-02-01", "2025-03-04", False),    # the ALP is more than 30 days old
+])
+def test_alp_nonbone(alp, ggt, ggt_day, as_of, fires):
+    h = History().lab("p1", "alp", "2025-02-01", alp).lab("p1", "ggt", ggt_day, ggt)
+    assert ("ALP_NONBONE_CAUSE" in rules_fired(h, as_of)) is fires
+
+
+def test_alp_alert_with_nonbone_cause_carries_the_hepatic_note():
+    h = therapy(100).lab("p1", "alp", "2025-02-01", 140).lab("p1", "ggt", "2025-02-01", 90)
+    found = rules_fired(h, "2025-02-01")
+    assert "ALP_NONBONE_CAUSE" in found
+    assert "hepatic" in found["ALP_RISE_BORTEZOMIB"][0].evidence["note"]
+    assert "liver disease" in found["ALP_RISE_BORTEZOMIB"][0].evidence["caveat"]
