@@ -8,7 +8,7 @@ import json
 import os
 import re
 import socket
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,10 +17,22 @@ from sqlalchemy import insert, select, update
 from bonewatch.config import Settings, load_settings
 from bonewatch.errors import AlertDeliveryError
 from bonewatch.model import alert_id
-from bonewatch.notify.outbox import flush, message_id_for, queue_digests, recipients_for
+from bonewatch.notify.charts import Series as ChartSeries
+from bonewatch.notify.charts import Trend
+from bonewatch.notify.outbox import (
+    backoff,
+    flush,
+    message_id_for,
+    message_id_for_key,
+    queue_digests,
+    queue_message,
+    recipients_for,
+)
 from bonewatch.notify.render import DISCLAIMER, render_digest
 from bonewatch.notify.send import send_message
 from bonewatch.store.tables import alerts, outbox
+from tests.integration.alerting import audit_rows as _audit
+from tests.integration.alerting import ingest, write_feeds
 
 NIGHT = date(2025, 6, 5)
 NURSES = "oncology-nurses@hospital.example"
@@ -327,7 +339,7 @@ def test_smtp_outage_delays_then_delivers_exactly_once(engine, mailbox, monkeypa
     monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(_closed_port()))
     down = _config()
     for attempt in (1, 2):
-        result = flush(engine, down)
+        result = flush(engine, down, retry_now=True)
         assert (result.sent, result.failed, result.alerts_notified) == (0, 1, 0)
         assert len(result.errors) == 1 and "\n" not in result.errors[0]
         assert not any(r["patient_id"] in result.errors[0] for r in rows)
@@ -343,7 +355,7 @@ def test_smtp_outage_delays_then_delivers_exactly_once(engine, mailbox, monkeypa
 
     monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(mailbox.port))
     up = _config()
-    result = flush(engine, up)
+    result = flush(engine, up, retry_now=True)
     assert (result.sent, result.failed, result.alerts_notified) == (1, 0, 4)
     assert flush(engine, up).sent == 0
     assert len(mailbox.messages) == 1
@@ -375,7 +387,7 @@ def test_refused_recipient_stays_pending_while_the_other_is_delivered(engine, ma
     # notified alerts are not queued again, but the refused recipient's digest still holds them
     assert queue_digests(engine, cfg, NIGHT) == 0
     mailbox.refuse()
-    result = flush(engine, cfg)
+    result = flush(engine, cfg, retry_now=True)
     assert (result.sent, result.failed, result.alerts_notified) == (1, 0, 0)
     assert sorted(env[1][0] for env in mailbox.envelopes) == sorted([fine, refused])
     assert flush(engine, cfg).sent == 0
@@ -403,29 +415,223 @@ def test_send_message_errors_are_one_line(mailbox):
     assert mailbox.messages == []
 
 
+# ---- trend charts ------------------------------------------------------------------------------
+
+def _history(settings, tmp_path) -> None:
+    """Real lab and event rows (through ingest) behind the renal and ALP alerts of `_cohort()`."""
+    write_feeds(tmp_path / "history", labs=[
+        "000123,R1,2160-0,0.9,mg/dL,2025-04-01T08:00:00,final",
+        "000123,R2,2160-0,97.2,umol/L,2025-05-15T08:00:00,final",      # 1.10 mg/dL
+        "000123,R3,2160-0,1.4,mg/dL,2025-06-05T08:00:00,final",
+        "000777,R4,6768-6,130,U/L,2025-04-10T08:00:00,final",
+        "000777,R5,6768-6,170,U/L,2025-05-20T08:00:00,final",
+    ], events=[
+        "000123,birth_date,1950-03-14,1950-03-14,",
+        "000123,sex,2025-01-01,F,",
+        "000123,weight_kg,2025-03-20,70,",
+        "000123,bisphosphonate_dose,2025-04-02T09:00:00,zoledronic_acid,4.0",
+    ])
+    ingest(settings, tmp_path / "history")
+
+
+def test_digest_embeds_trend_charts_inline(engine, settings, mailbox, tmp_path):
+    _history(settings, tmp_path)
+    cfg = _config()
+    _insert(engine, *_cohort())
+    queue_digests(engine, cfg, NIGHT)
+    assert flush(engine, cfg).sent == 1
+
+    message = mailbox.messages[0]
+    assert message.get_content_type() == "multipart/alternative"
+    plain, related = list(message.iter_parts())
+    assert plain.get_content_type() == "text/plain"
+    # the HTML and its charts travel together: nothing is fetched from outside the message
+    assert related.get_content_type() == "multipart/related"
+    html_part, *images = list(related.iter_parts())
+    assert html_part.get_content_type() == "text/html"
+    assert [i.get_content_type() for i in images] == ["image/png", "image/png"]   # SCr/CrCl, ALP
+    html = html_part.get_content()
+    for image in images:
+        png = image.get_content()
+        assert png.startswith(b"\x89PNG") and 1000 < len(png) < 20_000      # a few KB
+        assert f'src="cid:{image["Content-ID"].strip("<>")}"' in html
+    assert re.findall(r'<img [^>]*src="([^"]+)"', html) == [f"cid:{i['Content-ID'].strip('<>')}" for i in images]
+    text = " ".join(plain.get_content().split())     # the text part wraps at 76 characters
+    # the renal chart: SCr against the 0.90 baseline, and the CrCl computed from the real history
+    # (Cockcroft-Gault: female, 75 years, 70 kg)
+    assert "Trend: SCr mg/dL: 0.90 (2025-04-01), 1.10 (2025-05-15), 1.40 (2025-06-05); baseline 0.90" in text
+    assert "CrCl mL/min: 59.7 (2025-04-01), 48.9 (2025-05-15), 38.4 (2025-06-05); baseline 59.7" in text
+    assert "ALP U/L: 130 (2025-04-10), 170 (2025-05-20)" in text
+    assert text.index("Trend: SCr") < text.index("MRN 000456") < text.index("Trend: ALP")
+
+
+# ---- routing by care team ---------------------------------------------------------------------
+
+def test_digests_are_routed_by_the_latest_care_team(engine, settings, mailbox, tmp_path):
+    team_a, team_b = "myeloma-a@hospital.example", "myeloma-b@hospital.example"
+    write_feeds(tmp_path / "teams", labs=[], events=[
+        "000123,care_team,2025-01-10,Myeloma-B,",
+        "000123,care_team,2025-05-01,myeloma-a,",          # moved to team A: the latest wins
+        "000456,care_team,2025-05-01,myeloma-b,",
+        "000777,care_team,2025-05-01,haematology-day-unit,",   # not configured: default recipients
+        "000888,care_team,2025-06-20,myeloma-a,",          # after the night: not yet known
+    ])
+    ingest(settings, tmp_path / "teams")
+    cfg = _config()
+    cfg = cfg.model_copy(update={"recipients": cfg.recipients.model_copy(update={
+        "teams": {"myeloma-a": [team_a], "myeloma-b": [team_b]}})})
+    assert recipients_for("000123", cfg, "MYELOMA-A ") == [team_a]
+    assert recipients_for("000123", cfg, "other") == [NURSES]
+    late = _alert("000888", "DENTAL_EXAM_MISSING", "medium", evidence={"summary": "no dental exam"})
+    _insert(engine, *_cohort(), late)
+
+    assert queue_digests(engine, cfg, NIGHT) == 3
+    assert flush(engine, cfg).sent == 3
+    by_recipient = {rcpts[0]: _parts(m)[0] for m, (_, rcpts) in zip(mailbox.messages, mailbox.envelopes, strict=True)}
+    assert set(by_recipient) == {team_a, team_b, NURSES}
+    mrns = {who: set(re.findall(r"^MRN (\d+)", text, re.M)) for who, text in by_recipient.items()}
+    assert mrns == {team_a: {"000123"}, team_b: {"000456"}, NURSES: {"000777", "000888"}}
+
+
+# ---- ready-made messages (data quality) ---------------------------------------------------------
+
+def test_queue_message_is_idempotent_and_sent_once_with_its_stored_body(engine, mailbox, monkeypatch):
+    data_team = ["clinical-data-team@hospital.example", "dq-owner@hospital.example"]
+    args = dict(kind="data_quality", recipients=data_team, night=NIGHT, subject="[bonewatch] labs feed late",
+                text="The labs feed for 2025-06-05 has not arrived.", html="<p>The labs feed has not arrived.</p>",
+                key="late:labs:2025-06-05")
+    assert queue_message(engine, **args) == 2
+    assert queue_message(engine, **args) == 0                            # same key: nothing new
+    assert queue_message(engine, **{**args, "text": "reworded"}) == 0   # the key decides, not the body
+    with pytest.raises(ValueError):
+        queue_message(engine, **{**args, "kind": "digest"})
+
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(_closed_port()))
+    result = flush(engine, _config())
+    assert (result.sent, result.failed) == (0, 2)
+    assert {r["status"] for r in _outbox_rows(engine)} == {"pending"}
+    assert all("refused the connection" in r["last_error"] for r in _outbox_rows(engine))
+
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(mailbox.port))
+    cfg = _config()
+    result = flush(engine, cfg, retry_now=True)
+    assert (result.sent, result.failed, result.alerts_notified) == (2, 0, 0)
+    assert flush(engine, cfg, retry_now=True).sent == 0                  # accepted: never sent again
+    assert queue_message(engine, **args) == 0
+    assert sorted(rcpts[0] for _, rcpts in mailbox.envelopes) == sorted(data_team)
+    message = mailbox.messages[0]
+    assert message["Subject"] == "[bonewatch] labs feed late"
+    assert tuple(p.replace("\r\n", "\n") for p in _parts(message)) == ("The labs feed for 2025-06-05 has not arrived.\n",
+                               "<p>The labs feed has not arrived.</p>\n")
+    assert message["Message-ID"] == message_id_for_key("data_quality", "late:labs:2025-06-05", message["To"])
+    assert NURSES not in {rcpts[0] for _, rcpts in mailbox.envelopes}
+
+    # text only works too
+    assert queue_message(engine, **{**args, "key": "k2", "html": None, "recipients": data_team[:1]}) == 1
+    assert flush(engine, cfg).sent == 1
+    assert mailbox.messages[-1].get_content_type() == "text/plain"
+
+
+# ---- back-off ---------------------------------------------------------------------------------
+
+def test_failed_message_waits_out_its_backoff(engine, mailbox, monkeypatch):
+    _insert(engine, *_cohort())
+    queue_digests(engine, _config(), NIGHT)
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(_closed_port()))
+    down = _config()
+    t0 = datetime(2025, 6, 6, 2, 0)
+    assert flush(engine, down, now=t0).failed == 1
+    assert _outbox_rows(engine)[0]["next_attempt_at"] == t0 + timedelta(seconds=60)
+    assert flush(engine, down, now=t0 + timedelta(seconds=61)).failed == 1      # second failure
+    assert _outbox_rows(engine)[0]["next_attempt_at"] == t0 + timedelta(seconds=61 + 120)
+
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(mailbox.port))
+    up = _config()
+    early = flush(engine, up, now=t0 + timedelta(seconds=62))
+    assert (early.sent, early.failed, early.deferred) == (0, 0, 1)
+    assert "waiting until 2025-06-06 02:03 UTC" in early.errors[0]
+    assert _outbox_rows(engine)[0]["attempts"] == 2 and mailbox.messages == []
+    assert flush(engine, up, now=t0 + timedelta(seconds=181)).sent == 1
+    assert len(mailbox.messages) == 1
+    assert backoff(up, 10) == timedelta(seconds=1800)                          # capped
+
+
+# ---- audit ----------------------------------------------------------------------------------
+
+def test_every_state_change_and_send_attempt_is_audited(engine, mailbox, monkeypatch):
+    from bonewatch.model import Finding, Severity
+    from bonewatch.store.alerts import acknowledge, sync_findings
+
+    def finding(pid: str, rule: str) -> Finding:
+        return Finding(pid, rule, "1", Severity.HIGH, "e1", NIGHT, "act", "cite", {"summary": "s"})
+
+    with engine.begin() as conn:
+        sync_findings(conn, [finding("000123", "RENAL_HOLD"), finding("000456", "DOSE_BAND")], NIGHT)
+    hold, band = alert_id("000123", "RENAL_HOLD", "e1"), alert_id("000456", "DOSE_BAND", "e1")
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(_closed_port()))
+    queue_digests(engine, _config(), NIGHT)
+    flush(engine, _config())
+    monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(mailbox.port))
+    flush(engine, _config(), retry_now=True)
+    with engine.begin() as conn:
+        assert acknowledge(conn, hold, "R. Nurse", datetime(2025, 6, 6, 8, 0)) == "notified"
+        assert acknowledge(conn, hold, "Someone Else", datetime(2025, 6, 6, 9, 0)) == "acknowledged"
+        sync_findings(conn, [finding("000123", "RENAL_HOLD")], date(2025, 6, 6))     # band cleared
+        sync_findings(conn, [finding("000123", "RENAL_HOLD"), finding("000456", "DOSE_BAND")], date(2025, 6, 7))
+
+    trail = [(r["event"], r["alert_id"], r["from_status"], r["to_status"], r["actor"], r["result"])
+             for r in _audit(engine)]
+    message_id = message_id_for(NURSES, NIGHT)
+    assert trail == [
+        ("raised", hold, None, "open", "evaluate", "ok"),
+        ("raised", band, None, "open", "evaluate", "ok"),
+        ("send", None, "pending", "pending", "outbox", "failed"),
+        ("send", None, "pending", "sent", "outbox", "accepted"),
+        *[("notified", a, "open", "notified", "outbox", "accepted") for a in sorted([hold, band])],
+        ("acknowledged", hold, "notified", "acknowledged", "cli:R. Nurse", "ok"),
+        ("resolved", band, "notified", "resolved", "evaluate", "ok"),
+        ("reopened", band, "resolved", "open", "evaluate", "ok"),
+    ]
+    sends = [r for r in _audit(engine) if r["event"] == "send"]
+    assert all(r["message_id"] == message_id for r in sends)
+    assert "refused the connection" in sends[0]["detail"] and NURSES in sends[0]["detail"]
+    # no patient identifier anywhere in the trail
+    assert not any(mrn in json.dumps(r, default=str) for r in _audit(engine) for mrn in ("000123", "000456"))
+
+
 # ---- PHI-minimal mode ------------------------------------------------------------------------
 
-def test_phi_minimal_digest_has_mrn_rule_severity_and_link_only(engine, mailbox):
+def test_phi_minimal_digest_has_mrn_rule_severity_and_link_only(engine, settings, mailbox, monkeypatch, tmp_path):
+    _history(settings, tmp_path)     # charts would be drawn from it in the full mode
+    monkeypatch.setenv("BONEWATCH_ACK_SECRET", "s3cret")
     cfg = _config(phi_minimal=True)
     rows = _cohort()
+    evidence = json.loads(rows[2]["evidence"])
+    # a name and a birth date in the evidence must never reach the email in this mode
+    rows[2]["evidence"] = json.dumps({**evidence, "patient_name": "Jane Q. Doe", "birth_date": "1950-03-14",
+                                      "crcl": {"age_years": 75, "weight_kg": 70.0, "value_ml_min": 45.3}})
     _insert(engine, *rows)
     queue_digests(engine, cfg, NIGHT)
     assert flush(engine, cfg).sent == 1
 
     message = mailbox.messages[0]
+    assert [p.get_content_type() for p in message.walk()] == ["multipart/alternative", "text/plain", "text/html"]
     for part in _parts(message):
         for row in rows:
             assert f"MRN {row['patient_id']}" in part
             assert row["rule"] in part
-            assert f"https://bonewatch.hospital.example/alerts/{row['alert_id']}" in part
+            assert f"https://bonewatch.hospital.example/alerts/{row['alert_id']}?t=" in part   # signed link
             evidence = json.loads(row["evidence"])
             assert evidence["summary"] not in part
             assert row["action"] not in part
-        for leaked in ("1.4", "0.9", "mg/dL", "U/L", "2025-04-01", "2025-05-20", "VGPR",
-                       "baseline", "Zoledronic acid label"):
+        for leaked in ("1.4", "0.9", "1.10", "mg/dL", "U/L", "mL/min", "45.3", "170", "2025-04-01", "2025-05-20",
+                       "VGPR", "baseline", "Zoledronic acid label", "Jane", "Doe", "1950", "03-14",
+                       "Trend"):
             assert leaked not in part, leaked
         assert "URGENT" in part and DISCLAIMER in part
-    assert "2025-04-01" not in message.as_string()
+    raw = message.as_string()
+    for leaked in ("Jane", "1950-03-14", "2025-04-01", "image/png"):
+        assert leaked not in raw
 
 
 # ---- golden files ------------------------------------------------------------------------------
@@ -437,15 +643,33 @@ def _golden_settings(phi_minimal: bool) -> Settings:
         "ack_base_url": "https://bonewatch.hospital.example"})})
 
 
+def _golden_inputs():
+    """The cohort with fixed links, one reminder and a renal trend: every piece of the layout."""
+    rows = _cohort()
+    renal = next(r for r in rows if r["rule"] == "RENAL_HOLD")
+    renal.update(status="notified", last_notified_night=date(2025, 6, 3))
+    links = {r["alert_id"]: f"https://bonewatch.hospital.example/alerts/{r['alert_id']}?t=TOKEN-{r['rule']}"
+             for r in rows}
+    trend = Trend("000123", "renal", "Serum creatinine and CrCl (Cockcroft-Gault)", (
+        ChartSeries("SCr", "mg/dL", ((date(2025, 4, 1), 0.9), (date(2025, 5, 15), 1.1), (date(2025, 6, 5), 1.4)),
+                    0.9, date(2025, 4, 1), 2),
+        ChartSeries("CrCl", "mL/min", ((date(2025, 4, 1), 59.9), (date(2025, 5, 15), 49.0),
+                                       (date(2025, 6, 5), 38.5)), 59.9, date(2025, 4, 1), 1)))
+    return rows, links, {"000123": [trend]}, [renal["alert_id"]]
+
+
 @pytest.mark.parametrize("name, phi_minimal", [("digest.txt", False),
                                                ("digest_phi_minimal.txt", True)])
 def test_digest_text_matches_golden(name, phi_minimal):
     """Set BONEWATCH_REGEN_GOLDEN=1 to rewrite tests/golden/* after an intended change."""
-    digest = render_digest(NURSES, NIGHT, _cohort(), _golden_settings(phi_minimal))
+    rows, links, trends, reminders = _golden_inputs()
+    digest = render_digest(NURSES, NIGHT, rows, _golden_settings(phi_minimal), links=links, trends=trends,
+                           reminders=reminders)
     path = GOLDEN / name
     if REGEN_GOLDEN:
         path.write_text(digest.text, encoding="utf-8")
     assert digest.text == path.read_text(encoding="utf-8")
+    assert len(digest.images) == (0 if phi_minimal else 1)
 
 
 def test_render_is_pure_and_escapes_html():

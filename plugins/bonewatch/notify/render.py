@@ -5,7 +5,9 @@ which is what the golden-file test relies on. The shape of the email is decided 
 order, wording); the Jinja2 templates in `bonewatch/templates/` only lay it out.
 
 Written for a nurse reading on a ward computer: urgent first, one block per patient, the action
-in plain words before the evidence, and the acknowledgement command under every alert.
+in plain words before the evidence, and the acknowledgement command (and link) under every alert.
+Trend charts come in as `Trend` values and go out as inline PNG parts (`Digest.images`), drawn by
+the pure `charts.draw_trend`; the shell loads the lab history and signs the links.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bonewatch.config import Settings
+from bonewatch.notify.charts import Trend, draw_trend, trend_lines, trend_text
 
 DISCLAIMER = "This alert supports, and does not replace, clinical judgement."
 
@@ -41,22 +44,38 @@ class Digest:
     subject: str
     text: str
     html: str
+    # (Content-ID without angle brackets, PNG bytes): the charts the HTML part shows inline
+    images: tuple[tuple[str, bytes], ...] = ()
 
 
 def render_digest(recipient: str, night: date, alerts: Iterable[Mapping[str, Any]],
-                  settings: Settings) -> Digest:
+                  settings: Settings, *, links: Mapping[str, str] | None = None,
+                  trends: Mapping[str, list[Trend]] | None = None,
+                  reminders: Iterable[str] = ()) -> Digest:
     """Render the digest for `recipient` for `night` from alert rows (mappings with the columns
     of the `alerts` table; `evidence` as JSON text or a dict).
 
     Patients with an urgent alert come first, then review, then information; inside a patient,
-    alerts by severity then rule. With `settings.site.phi_minimal` only the MRN, the rule id, the
-    severity and a link to the alert go in: no values, dates or evidence.
+    alerts by severity then rule. `links` maps alert ids to their signed acknowledgement links,
+    `trends` patient ids to the charts to embed, `reminders` names the alerts re-sent because
+    nobody acknowledged them. With `settings.site.phi_minimal` only the MRN, the rule id, the
+    severity and a link to the alert go in: no values, dates, evidence or chart.
     """
     rows = [dict(row) for row in alerts]
     phi_minimal = settings.site.phi_minimal
-    patients = _group(rows, settings, phi_minimal)
+    reminded = set(reminders)
+    patients = _group(rows, settings, phi_minimal, links or {}, reminded)
+    images: list[tuple[str, bytes]] = []
+    if trends and not phi_minimal and settings.notify.charts:
+        for patient in patients:
+            for trend in trends.get(patient["mrn"], []):
+                cid = f"chart{len(images) + 1}.{night.isoformat()}@bonewatch"
+                images.append((cid, draw_trend(trend)))
+                patient["charts"].append({"cid": cid, "alt": trend.title, "text": trend_text(trend),
+                                          "lines": trend_lines(trend)})
     n_urgent = sum(1 for row in rows if row["severity"] == "high")
-    headline = _headline(len(rows), len(patients), n_urgent)
+    n_reminders = sum(1 for row in rows if row["alert_id"] in reminded)
+    headline = _headline(len(rows), len(patients), n_urgent, n_reminders)
     context = {
         "headline": headline,
         "night": night.isoformat(),
@@ -71,14 +90,16 @@ def render_digest(recipient: str, night: date, alerts: Iterable[Mapping[str, Any
         subject=f"bonewatch: {headline} \N{EM DASH} night of {night.isoformat()}",
         text=env.get_template("digest.txt.j2").render(context),
         html=env.get_template("digest.html.j2").render(context),
+        images=tuple(images),
     )
 
 
 # ---- shaping (pure) ------------------------------------------------------------------------
 
-def _headline(n_alerts: int, n_patients: int, n_urgent: int) -> str:
+def _headline(n_alerts: int, n_patients: int, n_urgent: int, n_reminders: int = 0) -> str:
     text = f"{_plural(n_alerts, 'alert')} for {_plural(n_patients, 'patient')}"
-    return f"{text}, {n_urgent} urgent" if n_urgent else text
+    text = f"{text}, {n_urgent} urgent" if n_urgent else text
+    return f"{text} ({_plural(n_reminders, 'reminder')})" if n_reminders else text
 
 
 def _plural(n: int, word: str) -> str:
@@ -89,7 +110,8 @@ def _rank(severity: str) -> int:
     return _RANK.get(severity, len(_RANK))
 
 
-def _group(rows: list[dict], settings: Settings, phi_minimal: bool) -> list[dict]:
+def _group(rows: list[dict], settings: Settings, phi_minimal: bool, links: Mapping[str, str],
+           reminded: set[str]) -> list[dict]:
     by_patient: dict[str, list[dict]] = {}
     for row in rows:
         by_patient.setdefault(str(row["patient_id"]), []).append(row)
@@ -109,7 +131,9 @@ def _group(rows: list[dict], settings: Settings, phi_minimal: bool) -> list[dict
         groups.append({
             "mrn": mrn,
             "counts": ", ".join(counts),
-            "alerts": [_alert_view(r, settings, phi_minimal) for r in items],
+            "alerts": [_alert_view(r, settings, phi_minimal, links.get(r["alert_id"]), r["alert_id"] in reminded)
+                       for r in items],
+            "charts": [],
         })
     return groups
 
@@ -117,15 +141,19 @@ def _group(rows: list[dict], settings: Settings, phi_minimal: bool) -> list[dict
 NURSE_NOTES = ("missing", "caveat", "note")
 
 
-def _alert_view(row: dict, settings: Settings, phi_minimal: bool) -> dict:
+def _alert_view(row: dict, settings: Settings, phi_minimal: bool, link: str | None, reminder: bool) -> dict:
     severity = str(row["severity"])
     view = {
         "alert_id": row["alert_id"],
         "rule": row["rule"],
         "severity": severity,
         "label": _LABELS.get(severity, severity.upper()),
-        "link": f"{settings.site.ack_base_url.rstrip('/')}/alerts/{row['alert_id']}",
+        # without a signing key the link is unsigned: the web app shows how to acknowledge instead
+        "link": link or f"{settings.site.ack_base_url.rstrip('/')}/alerts/{row['alert_id']}",
+        "ack_link": link or "",
         "ack": f"bonewatch ack {row['alert_id']} --by <your name>",
+        "reminder": reminder,
+        "last_sent": "",
     }
     if phi_minimal:
         return view
@@ -135,6 +163,7 @@ def _alert_view(row: dict, settings: Settings, phi_minimal: bool) -> dict:
         "rule_version": row.get("rule_version", ""),
         "observed_on": _fmt(row.get("observed_on")),
         "raised_on": _fmt(row.get("raised_on")),
+        "last_sent": _fmt(row.get("last_notified_night")) if reminder else "",
         "action": row.get("action", ""),
         "citation": row.get("citation", ""),
         "summary": _fmt(summary) if summary not in (None, "") else "",

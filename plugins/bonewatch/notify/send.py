@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
@@ -27,9 +28,14 @@ from bonewatch.errors import AlertDeliveryError, ConfigError
 log = logging.getLogger(__name__)
 
 
-def build_message(sender: str, recipient: str, subject: str, text: str, html: str,
-                  message_id: str) -> EmailMessage:
-    """A multipart/alternative message (text first, HTML preferred by clients that show it)."""
+def build_message(sender: str, recipient: str, subject: str, text: str, html: str | None,
+                  message_id: str, images: Sequence[tuple[str, bytes]] = ()) -> EmailMessage:
+    """A multipart/alternative message (text first, HTML preferred by clients that show it).
+
+    `images` are (Content-ID without brackets, PNG bytes) that the HTML shows as `cid:` links:
+    they go into a multipart/related around the HTML part, so nothing loads from outside and
+    text-only clients never see them. Without `html` the message is plain text alone.
+    """
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = recipient
@@ -39,19 +45,26 @@ def build_message(sender: str, recipient: str, subject: str, text: str, html: st
     # RFC 3834: out-of-office replies and auto-responders must not answer a robot.
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(text)
+    if html is None:
+        return msg
     msg.add_alternative(html, subtype="html")
+    if images:
+        html_part = msg.get_payload()[1]
+        for cid, png in images:
+            html_part.add_related(png, "image", "png", cid=f"<{cid}>", disposition="inline",
+                                  filename=cid.split("@", 1)[0] + ".png")
     return msg
 
 
-def send_message(smtp: Smtp, recipient: str, subject: str, text: str, html: str,
-                 message_id: str) -> None:
+def send_message(smtp: Smtp, recipient: str, subject: str, text: str, html: str | None,
+                 message_id: str, *, images: Sequence[tuple[str, bytes]] = ()) -> None:
     """Deliver one message to one recipient; return only once the server accepted it.
 
     In: the SMTP settings, the recipient address, subject, plain-text and HTML bodies, and the
-    stable Message-ID (angle brackets included). Raises `AlertDeliveryError` when the server
+    stable Message-ID (angle brackets included), and the inline images of the HTML part. Raises `AlertDeliveryError` when the server
     cannot be reached, times out, refuses the sender or the recipient, or rejects the data.
     """
-    msg = build_message(smtp.sender, recipient, subject, text, html, message_id)
+    msg = build_message(smtp.sender, recipient, subject, text, html, message_id, images)
     envelope_from = parseaddr(smtp.sender)[1]   # the sender may carry a display name
     where = f"{smtp.host}:{smtp.port}"
     yag = None
