@@ -16,6 +16,9 @@ queues several events before this DAG runs, every night is evaluated, oldest fir
 3. `send_alerts`: queue the digests in the outbox and send them (`bonewatch.pipeline.notify`).
    An alert is marked notified only once the SMTP server accepted it, so a retry never sends it
    twice, and an SMTP outage delays alerts without losing them.
+4. `check_feeds`: record each feed's data-quality metrics for the night (arrival against its
+   deadline, rows, quarantine, expectations, units) and email the data team about new problems
+   (`bonewatch.pipeline.quality_check`); the dashboard reads these.
 
 **Failures and lateness** email the data team, never the nurses: a task's final failure, and a
 run still unfinished after 2 hours, which `dagrun_timeout` stops.
@@ -108,8 +111,29 @@ with DAG(
                                      + "; ".join(summary.errors[:3]))
         return summary.as_dict()
 
+    # Store and SMTP I/O; recording is keyed on (night, feed) and each problem is emailed once.
+    @task(retries=2, retry_delay=timedelta(minutes=2), retry_exponential_backoff=2.0,
+          max_retry_delay=timedelta(minutes=20))
+    def check_feeds(nights: list[str]) -> list[dict]:
+        """Record the data-quality metrics of each night's feeds. Out: one summary per night."""
+        from dataclasses import asdict
+        from datetime import date
+
+        from bonewatch import pipeline
+        from bonewatch.config import load_settings
+
+        settings = load_settings()
+        out = []
+        for n in nights:
+            night = date.fromisoformat(n)
+            summary = pipeline.quality_check(settings, night, paths=pipeline.partition_paths(settings, night))
+            out.append(asdict(summary))
+        return out
+
     nights = resolve_nights()
-    evaluate_rules(nights) >> send_alerts(nights)
+    evaluated = evaluate_rules(nights)
+    evaluated >> send_alerts(nights)
+    evaluated >> check_feeds(nights)
 
 
 if __name__ == "__main__":

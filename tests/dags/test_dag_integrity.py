@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("airflow")
 # Tasks that touch files, the store or the SMTP server; everything else is pure and must not retry.
 IO_TASKS = {
     "bonewatch_ingest": {"ingest_partition"},
-    "bonewatch_monitor": {"evaluate_rules", "send_alerts"},
+    "bonewatch_monitor": {"evaluate_rules", "send_alerts", "check_feeds"},
 }
 
 

@@ -131,12 +131,14 @@ def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_r
     monitor_run = _load_dag("bonewatch_monitor").test(logical_date=None,
                                                       run_conf={"partition": event["partition"]})
     assert _ti_states(monitor_run) == {"resolve_nights": "success", "evaluate_rules": "success",
-                                       "send_alerts": "success"}
+                                       "send_alerts": "success", "check_feeds": "success"}
     assert monitor_run.state == "success"
     assert _xcom(monitor_run, "resolve_nights") == [NIGHT]
     (evaluated,) = _xcom(monitor_run, "evaluate_rules")
     assert evaluated["as_of"] == NIGHT and evaluated["by_rule"].get("RENAL_HOLD") == 1
     assert _xcom(monitor_run, "send_alerts")["sent"] >= 1
+    (checked,) = _xcom(monitor_run, "check_feeds")
+    assert checked["night"] == NIGHT and set(checked["feeds"]) >= {"labs"}
 
     recipients = [rcpt for _, rcpts in mailbox.envelopes for rcpt in rcpts]
     assert DATA_TEAM not in recipients, "nothing failed: the data team gets no email"

@@ -1,0 +1,165 @@
+"""Synthetic nightly feeds for the data-quality tests: a few patients, one lab CSV and one events
+CSV a night, with the anomalies a test asks for (a late or missing feed, a unit switch, a share of
+bad rows). Arrival times are the files' modification times, set explicitly; the run's clock is
+passed to `pipeline.nightly`. Also: a headless Chromium (Debian's package) with the network cut."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+import pytest
+
+# Nine-digit MRNs with leading zeros, like the hospital's: the grep test looks for each of them.
+PATIENTS = ["004815162", "000342108", "007770001", "001234560", "009876543", "005550123", "002020202",
+            "003141592"]
+LAB_HEADER = "patient_id,result_id,loinc,value,unit,collected_at,status\n"
+EVENT_HEADER = "patient_id,event_type,occurred_at,value,detail\n"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def at(night: date, hhmm: str, days: int = 1) -> datetime:
+    """`hhmm` UTC (the default hospital zone) on the morning `days` after `night`."""
+    return datetime.combine(night + timedelta(days=days), time.fromisoformat(hhmm), tzinfo=UTC)
+
+
+@dataclass
+class Night:
+    """One night's deliveries. A None arrival means the feed sends nothing that night."""
+
+    night: date
+    labs_at: datetime | None = None
+    events_at: datetime | None = None
+    run_at: datetime | None = None
+    alp_unit: str = "U/L"          # "ukat/L": the lab switched units
+    events_bad: int = 0            # extra bad event rows (14 good ones a night)
+
+    def __post_init__(self):
+        self.labs_at = self.labs_at if self.labs_at is not None else at(self.night, "00:20")
+        self.events_at = self.events_at if self.events_at is not None else at(self.night, "00:40")
+        self.run_at = self.run_at or at(self.night, "01:30")
+
+
+MISSING = datetime.min.replace(tzinfo=UTC)   # marker: no file that night
+
+
+def history(folder: Path) -> list[Path]:
+    """A backfill (no partition): demographics and a month of labs in the usual units."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labs, events = [LAB_HEADER], [EVENT_HEADER]
+    for i, pid in enumerate(PATIENTS):
+        events.append(f"{pid},birth_date,2020-01-01,{1950 + i}-03-0{1 + i % 9},\n")
+        events.append(f"{pid},sex,2020-01-01,{'F' if i % 2 else 'M'},\n")
+        events.append(f"{pid},diagnosis,2025-01-10,MM,C90.00\n")
+        for day in (1, 15):
+            stamp = f"2025-05-{day:02d}T08:00:00+00:00"
+            labs += [f"{pid},H{i}-{day}-c,2160-0,{0.9 + i * 0.03:.2f},mg/dL,{stamp},final\n",
+                     f"{pid},H{i}-{day}-a,6768-6,{90 + i * 5},U/L,{stamp},final\n",
+                     f"{pid},H{i}-{day}-k,17861-6,{9.2 + i * 0.05:.2f},mg/dL,{stamp},final\n"]
+    (folder / "labs.csv").write_text("".join(labs), "utf-8")
+    (folder / "events.csv").write_text("".join(events), "utf-8")
+    return [folder / "labs.csv", folder / "events.csv"]
+
+
+def write_night(inbox: Path, spec: Night) -> Path:
+    """Write one night's files under `<inbox>/<night>/` with their arrival times as mtimes."""
+    folder = inbox / spec.night.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    n = spec.night.toordinal()
+    stamp = f"{spec.night.isoformat()}T09:00:00+00:00"
+    if spec.labs_at is not MISSING:
+        rows = [LAB_HEADER]
+        for i, pid in enumerate(PATIENTS):
+            alp = 95 + i * 5 + n % 7
+            alp_value = f"{alp / 60:.3f}" if spec.alp_unit == "ukat/L" else f"{alp}"
+            rows += [f"{pid},N{n}-{i}-c,2160-0,{0.95 + i * 0.03:.2f},mg/dL,{stamp},final\n",
+                     f"{pid},N{n}-{i}-a,6768-6,{alp_value},{spec.alp_unit},{stamp},final\n",
+                     f"{pid},N{n}-{i}-k,17861-6,{9.3 + i * 0.05:.2f},mg/dL,{stamp},final\n",
+                     f"{pid},N{n}-{i}-b,1751-7,4.1,g/dL,{stamp},final\n"]
+        _write(folder / "labs.csv", "".join(rows), spec.labs_at)
+    if spec.events_at is not MISSING:
+        rows = [EVENT_HEADER]
+        for i, pid in enumerate(PATIENTS):
+            rows.append(f"{pid},weight_kg,{spec.night.isoformat()},{70 + i}.5,\n")
+            if i < 6:
+                rows.append(f"{pid},bone_disease,{spec.night.isoformat()},none,\n")
+        for k in range(spec.events_bad):
+            pid = PATIENTS[k % len(PATIENTS)]
+            # Bad rows whose reasons would quote patient data: the dashboard must not show it.
+            rows.append([f"{pid},birth_date,{spec.night.isoformat()},1950-02-30,\n",
+                         f"{pid},weight_kg,not-a-date-{pid},71.0,\n",
+                         f"{pid},weight_kg,{spec.night.isoformat()},{pid}kg,\n"][k % 3])
+        _write(folder / "events.csv", "".join(rows), spec.events_at)
+    return folder
+
+
+def _write(path: Path, text: str, arrived: datetime) -> None:
+    path.write_text(text, "utf-8")
+    os.utime(path, (arrived.timestamp(), arrived.timestamp()))
+
+
+def run_nights(settings, inbox: Path, specs: list[Night]) -> list[dict]:
+    """Write and run each night in turn, as the nightly job would on the morning after."""
+    from bonewatch import pipeline
+
+    results = []
+    for spec in specs:
+        write_night(inbox, spec)
+        results.append(pipeline.nightly(settings, spec.night, now=spec.run_at))
+    return results
+
+
+def patient_ids_in(folder: Path, ids: list[str]) -> dict[str, list[str]]:
+    """Every file under `folder` that contains one of `ids` (bytes, any encoding)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        hits = [pid for pid in ids if pid.encode() in data]
+        if hits:
+            found[str(path.relative_to(folder))] = hits
+    return found
+
+
+# ---- the browser -------------------------------------------------------------------------------
+
+def launch_chromium(playwright):
+    """Debian's chromium, headless, networking features off. Fails (never skips) without it."""
+    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`bash scripts/ensure-chromium`, "
+                    "which `make test` runs first)")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+class OfflinePage:
+    """A browser page that may load file:// URLs only; every other request is aborted and
+    remembered, and console errors and page errors are collected."""
+
+    def __init__(self, browser, width: int = 1440, height: int = 1000):
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.blocked: list[str] = []
+        self.errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+
+    def _route(self, route):
+        url = route.request.url
+        if url.startswith("file://") or url.startswith("data:"):
+            route.continue_()
+        else:
+            self.blocked.append(url)
+            route.abort()
+
+    def open(self, path: Path):
+        self.page.goto(path.resolve().as_uri(), wait_until="load")
+        return self.page
+
+    def close(self):
+        self.context.close()
