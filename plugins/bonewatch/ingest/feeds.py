@@ -7,11 +7,13 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.ingest.parsing import (
     STATUS_RANK,
+    factorized_map,
     first_reason,
     parse_instants,
     parse_numbers,
@@ -54,21 +56,63 @@ def _split(frame: pd.DataFrame, reasons: pd.Series, columns: list[str]) -> tuple
     return frame[~bad], rejected
 
 
+def implausible(feed: str, rows: pd.DataFrame, plausible: dict[str, tuple[float, float]]) -> pd.Series:
+    """Row-level plausibility of parsed rows (canonical units, `[ingest.plausible]`), vectorised:
+    the quarantine reason of each row outside its range, "" for the others. (The GX suite measures
+    the same ranges per chunk for the data-quality record; the row-level verdict is made here.)"""
+    return implausible_labs(rows, plausible) if feed == "labs" else implausible_events(rows, plausible)
+
+
+def implausible_labs(rows: pd.DataFrame, plausible: dict[str, tuple[float, float]]) -> pd.Series:
+    """Labs: the reason for each row outside its analyte's range, "" for the others."""
+    reasons = np.full(len(rows), "", dtype=object)
+    analyte = rows["analyte"].to_numpy(dtype=object)
+    value = rows["value"].to_numpy(dtype="float64")
+    for name, (low, high) in plausible.items():
+        if name not in ANALYTES:
+            continue
+        bad = (analyte == name) & ((value < low) | (value > high))
+        reasons[bad] = (f"implausible {name} value (outside {low:g}-{high:g} "
+                        f"{ANALYTES[name].canonical_unit})")
+    return pd.Series(reasons, index=rows.index, dtype=object)
+
+
+def implausible_events(rows: pd.DataFrame, plausible: dict[str, tuple[float, float]]) -> pd.Series:
+    """The same for events that carry a number (weight, 24-h urine albumin)."""
+    reasons = np.full(len(rows), "", dtype=object)
+    etype = rows["event_type"].to_numpy(dtype=object)
+    number = rows["number"].to_numpy(dtype="float64")
+    for event_type, analyte in (("weight_kg", "weight"), ("albuminuria_mg_24h", "urine_albumin_24h")):
+        if analyte in plausible:
+            low, high = plausible[analyte]
+            bad = (etype == event_type) & ((number < low) | (number > high))
+            reasons[bad] = f"implausible {event_type} value (outside {low:g}-{high:g})"
+    return pd.Series(reasons, index=rows.index, dtype=object)
+
+
 def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, received_at: datetime) -> Parsed:
-    """Raw lab CSV strings (index = source line) -> canonical results + rejected rows."""
+    """Raw lab CSV strings (index = source line) -> canonical results + rejected rows.
+
+    Vectorised throughout: per-value work (code map, unit spelling, conversion factor) is done
+    once per distinct value, not once per row."""
     frame = frame.copy()
     for column in LAB_COLUMNS:
         frame[column] = frame[column].astype("string").fillna("").str.strip()
     code = frame["loinc"]
-    mapped = code.map(lambda c: settings.ingest.code_map.get(c, c))
-    analyte = mapped.map(LOINC)
+    code_map = settings.ingest.code_map
+    analyte = factorized_map(code, lambda c: LOINC.get(code_map.get(c, c)))
     r_code = pd.Series("", index=frame.index, dtype="object")
     r_code[analyte.isna()] = "unknown code '" + code[analyte.isna()].str.slice(0, 32) + "'"
     number, censor, r_value = parse_numbers(frame["value"])
     factors = unit_key_table()
-    unit_norm = frame["unit"].map(normalise_unit)
-    factor = pd.Series([factors.get((a, u)) for a, u in zip(analyte, unit_norm, strict=True)], index=frame.index,
-                       dtype="float64")
+    unit_norm = factorized_map(frame["unit"], normalise_unit, default="")
+    a_codes, a_names = pd.factorize(analyte)
+    u_codes, u_names = pd.factorize(unit_norm)
+    table = np.full((len(a_names) + 1, len(u_names) + 1), np.nan)   # the last row/column: missing
+    for i, a in enumerate(a_names):
+        for j, u in enumerate(u_names):
+            table[i, j] = factors.get((a, u), np.nan)
+    factor = pd.Series(table[a_codes, u_codes], index=frame.index, dtype="float64")
     r_unit = pd.Series("", index=frame.index, dtype="object")
     no_unit = factor.isna() & analyte.notna()
     r_unit[no_unit] = ("unit '" + frame["unit"][no_unit].str.slice(0, 16) + "' cannot be converted for "
@@ -79,29 +123,30 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     r_ids = pd.Series("", index=frame.index, dtype="object")
     r_ids[frame["result_id"] == ""] = "missing result_id"
     r_ids[frame["patient_id"] == ""] = "missing patient_id"
-    reasons = first_reason(r_ids, r_code, r_value, r_unit, r_date, r_status)
+    value = number * factor
     canonical = pd.DataFrame({
         "result_id": frame["result_id"],
         "patient_id": frame["patient_id"],
         "analyte": analyte,
         "code": code,
-        "value": number * factor,
+        "value": value,
         "censor": censor,
-        "unit": analyte.map(lambda a: ANALYTES[a].canonical_unit if isinstance(a, str) else None),
+        "unit": factorized_map(analyte, lambda a: ANALYTES[a].canonical_unit if isinstance(a, str) else None),
         "orig_value": frame["value"].str.slice(0, 64),
         "orig_unit": frame["unit"].str.slice(0, 32),
         "collected_at": collected_at,
         "collected_date": collected_date,
         "status": status,
-        "status_rank": status.map(STATUS_RANK),
+        "status_rank": factorized_map(status, STATUS_RANK),
         "delivery_id": delivery_id,
         "source_line": frame.index.astype("int64"),
     }, index=frame.index)
+    reasons = first_reason(r_ids, r_code, r_value, r_unit, r_date, r_status)
     good, rejected = _split(frame, reasons, LAB_COLUMNS)
     rows = canonical.loc[good.index]
-    # A later row with the same result id is a correction (SPEC 2.1): the last one in the file wins.
-    rows = rows[~rows["result_id"].duplicated(keep="last")]
     rows["status_rank"] = rows["status_rank"].astype("int64")
+    # Several rows with one result id (a correction in the same file) are all accepted rows; the
+    # store keeps the one its rule says (`writes.upsert_results`), whichever chunk each is in.
     return Parsed(rows, rejected)
 
 
@@ -181,5 +226,4 @@ def parse_events(frame: pd.DataFrame, settings: Settings, delivery_id: str, rece
     good, rejected = _split(frame, reasons, EVENT_COLUMNS)
     rows = canonical.loc[good.index]
     rows.insert(0, "event_key", event_keys(rows) if len(rows) else [])
-    rows = rows[~rows["event_key"].duplicated(keep="last")]
-    return Parsed(rows, rejected)
+    return Parsed(rows, rejected)   # a re-sent event has the same key: the store keeps one

@@ -26,25 +26,44 @@ STATUS_MAP = {
 STATUS_RANK = {"preliminary": 0, "final": 1, "corrected": 2, "cancelled": 3}
 
 
+def factorized_map(values: pd.Series, mapping, default=None) -> pd.Series:
+    """`values.map(mapping)` (a dict or a function) computed once per distinct value: feeds carry
+    a handful of codes, units and statuses in millions of rows."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    lookup = mapping.get if isinstance(mapping, dict) else mapping
+    mapped = np.empty(len(uniques) + 1, dtype=object)   # the last slot serves missing values
+    mapped[:-1] = [lookup(u) for u in uniques]
+    mapped[-1] = default
+    return pd.Series(mapped[codes], index=values.index, dtype=object)
+
+
 def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """ISO-8601 strings -> (UTC naive timestamps, local calendar dates, reasons).
+    """ISO-8601 strings -> (UTC naive timestamps, local calendar days as midnight timestamps, reasons).
 
     With an offset the instant is exact; without one it is hospital-local time (SPEC 2.1). A date
     alone means local midnight. Impossible dates (2025-02-30) and dates before 1900 or after
     `latest` (the delivery's arrival plus a day) are rejected.
     """
     text = raw.astype("string").str.strip().fillna("")
-    has_offset = text.str.contains(_OFFSET, regex=True, na=False)
+    # Fast path: the shape nearly every feed sends (local time, seconds, no offset) parses with
+    # one exact format; everything else takes the general ISO-8601 path below.
+    naive = pd.to_datetime(text, format="%Y-%m-%dT%H:%M:%S", errors="coerce")
+    rest = naive.isna() & (text != "")
+    has_offset = pd.Series(False, index=raw.index)
+    if rest.any():
+        has_offset[rest] = text[rest].str.contains(_OFFSET, regex=True, na=False)
+        general = rest & ~has_offset
+        if general.any():
+            naive[general] = pd.to_datetime(text[general], format="ISO8601", errors="coerce")
+    local_rows = ~has_offset & naive.notna()
     utc = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
+    if local_rows.any():
+        localised = naive[local_rows].dt.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
+        utc[local_rows] = localised.dt.tz_convert("UTC")
     if has_offset.any():
         utc[has_offset] = pd.to_datetime(text[has_offset], format="ISO8601", errors="coerce", utc=True)
-    local_rows = ~has_offset & (text != "")
-    if local_rows.any():
-        naive = pd.to_datetime(text[local_rows], format="ISO8601", errors="coerce")
-        localised = naive.dt.tz_localize(tz, ambiguous="NaT", nonexistent="shift_forward")
-        utc[local_rows] = localised.dt.tz_convert("UTC")
-    utc_naive = utc.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[us]")
-    local_date = utc.dt.tz_convert(tz).dt.tz_localize(None).dt.normalize().dt.date
+    utc_naive = utc.dt.tz_localize(None).astype("datetime64[us]")
+    local_date = utc.dt.tz_convert(tz).dt.tz_localize(None).dt.normalize().astype("datetime64[us]")
     reasons = pd.Series("", index=raw.index, dtype="object")
     reasons[text == ""] = "missing date"
     bad = (text != "") & utc_naive.isna()
@@ -58,9 +77,14 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
 def parse_numbers(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
     """'1.2', '<5', '>1000' -> (float, censor '<' / '>' / '', reasons). Censored values are kept."""
     text = raw.astype("string").fillna("")
-    parts = text.str.extract(_NUMBER)
-    number = pd.to_numeric(parts["number"], errors="coerce").astype("float64")
-    censor = parts["censor"].fillna("").str.slice(0, 1).astype("object")
+    # Fast path: plain numbers convert in C; only what fails (censored, garbage) meets the regex.
+    number = pd.to_numeric(text, errors="coerce").astype("float64")
+    censor = pd.Series("", index=raw.index, dtype="object")
+    rest = number.isna() & (text != "")
+    if rest.any():
+        parts = text[rest].str.extract(_NUMBER)
+        number[rest] = pd.to_numeric(parts["number"], errors="coerce").astype("float64")
+        censor[rest] = parts["censor"].fillna("").str.slice(0, 1).astype("object")
     reasons = pd.Series("", index=raw.index, dtype="object")
     bad = number.isna() | ~np.isfinite(number.fillna(0.0))
     reasons[bad] = "unparseable value '" + text[bad].str.slice(0, 40) + "'"
@@ -71,7 +95,7 @@ def parse_numbers(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
 def parse_statuses(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Result statuses (also HL7 F/C/P/X and FHIR names) -> (canonical status, reasons)."""
     text = raw.astype("string").str.strip().str.lower().fillna("")
-    status = text.map(STATUS_MAP).astype("object")
+    status = factorized_map(text, STATUS_MAP)
     reasons = pd.Series("", index=raw.index, dtype="object")
     unknown = status.isna()
     reasons[unknown] = "unknown status '" + raw.astype("string").fillna("")[unknown].str.slice(0, 20) + "'"
@@ -81,8 +105,10 @@ def parse_statuses(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 def first_reason(*reason_series: pd.Series) -> pd.Series:
     """Combine per-check reasons: the first non-empty reason of each row wins."""
-    combined = reason_series[0].copy()
+    combined = reason_series[0].to_numpy(dtype=object, copy=True)
     for series in reason_series[1:]:
         empty = combined == ""
-        combined[empty] = series[empty]
-    return combined
+        if not empty.any():
+            break
+        combined[empty] = series.to_numpy(dtype=object)[empty]
+    return pd.Series(combined, index=reason_series[0].index, dtype=object)

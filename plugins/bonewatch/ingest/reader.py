@@ -89,7 +89,7 @@ def read_chunks(path: Path, required: list[str], chunk_rows: int) -> Iterator[Ch
     skipped: list[int] = []
     position = 0
     pending: list[pd.DataFrame] = []
-    pending_rows = 0
+    pending_bad: list[tuple[int, str, str]] = []
     reported = 0
     try:
         for batch in reader:
@@ -103,17 +103,22 @@ def read_chunks(path: Path, required: list[str], chunk_rows: int) -> Iterator[Ch
             position += len(frame)
             frame.index = pd.Index(lines, name="line")
             frame = frame[(frame != "").any(axis=1)]  # blank lines carry nothing to keep
-            bad = [(line, text, reason) for line, text, reason in new_invalid if reason]
+            pending_bad.extend((line, text, reason) for line, text, reason in new_invalid if reason)
             pending.append(frame)
-            pending_rows += len(frame)
-            if pending_rows >= chunk_rows or bad:
-                yield Chunk(pd.concat(pending) if len(pending) > 1 else pending[0], bad)
-                pending, pending_rows = [], 0
+            # Cut exactly `chunk_rows` rows a chunk, whatever pyarrow's block held: the chunk
+            # size is a setting, and a tiny one must really give tiny chunks.
+            joined = pd.concat(pending) if len(pending) > 1 else pending[0]
+            start = 0
+            while len(joined) - start >= chunk_rows:
+                yield Chunk(joined.iloc[start:start + chunk_rows], pending_bad)
+                pending_bad = []
+                start += chunk_rows
+            pending = [joined.iloc[start:]] if start < len(joined) else []
     except pa.ArrowInvalid as exc:
         if "UTF8" in str(exc).upper():
             raise SourceUnreadable(path, _first_undecodable_line(path), "not UTF-8 text") from None
         raise SourceUnreadable(path, None, str(exc).splitlines()[0][:200]) from None
     tail = invalid[reported:]
-    bad = [(line, text, reason) for line, text, reason in tail if reason]
-    if pending or bad:
-        yield Chunk(pd.concat(pending) if pending else pd.DataFrame(columns=columns), bad)
+    pending_bad.extend((line, text, reason) for line, text, reason in tail if reason)
+    if pending or pending_bad:
+        yield Chunk(pd.concat(pending) if pending else pd.DataFrame(columns=columns), pending_bad)

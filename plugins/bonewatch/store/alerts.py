@@ -14,14 +14,22 @@ import pandas as pd
 from sqlalchemy import Connection, bindparam, select, update
 
 from bonewatch.model import Finding
+from bonewatch.store import audit
 from bonewatch.store.tables import alerts
 from bonewatch.store.writes import _insert
 
 
-def sync_findings(conn: Connection, findings: list[Finding], as_of: date) -> tuple[int, int]:
-    """Upsert tonight's findings; resolve what cleared. Returns (new alerts, resolved alerts)."""
+def sync_findings(conn: Connection, findings: list[Finding], as_of: date,
+                  patients: set[str] | None = None) -> tuple[int, int]:
+    """Upsert tonight's findings; resolve what cleared. Returns (new alerts, resolved alerts).
+
+    `patients`: the patients evaluated (incremental evaluation, a batch of it); only their alerts
+    can clear. None: every patient was evaluated. See `see_unchanged` for everyone else's."""
     c = alerts.c
-    existing = pd.read_sql(select(c.alert_id, c.status, c.raised_on, c.last_seen_on, c.resolved_on), conn)
+    query = select(c.alert_id, c.patient_id, c.status, c.raised_on, c.last_seen_on, c.resolved_on)
+    if patients is not None and len(patients) <= 10_000:   # a batch: read only its alerts
+        query = query.where(c.patient_id.in_(sorted(patients)))
+    existing = pd.read_sql(query, conn)
     existing = existing.set_index("alert_id")
     found = {f.alert_id: f for f in findings}
     new_rows, seen_rows, reopen_rows = [], [], []
@@ -58,34 +66,55 @@ def sync_findings(conn: Connection, findings: list[Finding], as_of: date) -> tup
                              acknowledged_by=None, acknowledged_at=None),
                      reopen_rows)
     unresolved = existing[(existing["status"] != "resolved")]
+    if patients is not None:
+        unresolved = unresolved[unresolved["patient_id"].isin(patients)]
     cleared = [a for a in unresolved.index
                if a not in found and pd.Timestamp(unresolved.loc[a, "raised_on"]) <= pd.Timestamp(as_of)]
     if cleared:
         conn.execute(update(alerts).where(c.alert_id.in_(cleared)).values(status="resolved", resolved_on=as_of))
+    audit.record_sync(conn, as_of, [r["alert_id"] for r in new_rows], [r["b_id"] for r in reopen_rows],
+                      {a: str(existing.loc[a, "status"]) for a in cleared})
     return len(new_rows) + len(reopen_rows), len(cleared)
 
 
-def acknowledge(conn: Connection, alert_id: str, by: str, at: datetime) -> str:
-    """Mark an alert acknowledged; returns its previous status ('' when there is no such alert)."""
-    status = conn.execute(select(alerts.c.status).where(alerts.c.alert_id == alert_id)).scalar()
+def see_unchanged(conn: Connection, as_of: date) -> int:
+    """After an incremental evaluation: the open alerts of the patients not evaluated were found
+    again by construction (no new data, no due date), so they are seen tonight. Returns how many."""
+    c = alerts.c
+    return conn.execute(update(alerts).where(c.status != "resolved", c.last_seen_on < as_of, c.raised_on <= as_of)
+                        .values(last_seen_on=as_of)).rowcount
+
+
+def acknowledge(conn: Connection, alert_id: str, by: str, at: datetime, *, via: str = "cli") -> str:
+    """Mark an alert acknowledged (and audit it, actor `<via>:<by>`); returns its previous status
+    ('' when there is no such alert). Only an open or notified alert changes: the update is
+    conditional, so of two acknowledgements racing, one wins and the other sees `acknowledged`."""
+    c = alerts.c
+    status = conn.execute(select(c.status).where(c.alert_id == alert_id)).scalar()
     if status is None:
         return ""
     if status in ("open", "notified"):
-        conn.execute(update(alerts).where(alerts.c.alert_id == alert_id)
-                     .values(status="acknowledged", acknowledged_by=by, acknowledged_at=at))
+        changed = conn.execute(update(alerts).where(c.alert_id == alert_id, c.status.in_(("open", "notified")))
+                               .values(status="acknowledged", acknowledged_by=by, acknowledged_at=at)).rowcount
+        if not changed:
+            return conn.execute(select(c.status).where(c.alert_id == alert_id)).scalar() or ""
+        audit.record(conn, [audit.entry("acknowledged", actor=f"{via}:{by}", alert_id=alert_id, at=at,
+                                        from_status=status, to_status="acknowledged")])
     return status
 
 
 LISTED = ["alert_id", "patient_id", "rule", "rule_version", "severity", "raised_on", "action", "evidence",
           "status", "episode", "observed_on", "last_seen_on", "resolved_on", "citation", "notified_at",
-          "acknowledged_by", "acknowledged_at"]
+          "acknowledged_by", "acknowledged_at", "last_notified_night", "notify_count"]
 
 
-def list_alerts(conn: Connection, statuses: list[str] | None = None) -> list[dict]:
+def list_alerts(conn: Connection, statuses: list[str] | None = None, alert_id: str | None = None) -> list[dict]:
     """Alerts as dicts (evidence parsed), urgent first, then by night and patient."""
     query = select(*[alerts.c[name] for name in LISTED])
     if statuses:
         query = query.where(alerts.c.status.in_(statuses))
+    if alert_id is not None:
+        query = query.where(alerts.c.alert_id == alert_id)
     rank = {"high": 0, "medium": 1, "info": 2}
     rows = [dict(r._mapping) for r in conn.execute(query)]
     for row in rows:

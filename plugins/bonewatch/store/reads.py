@@ -1,34 +1,150 @@
-"""Bulk reads of history for the rule engine."""
+"""Bulk reads of history for the rule engine, and the evaluation index.
+
+History is read per batch of patients (the rules need each patient's whole history, and nothing
+but it), through a temp table of the batch's ids joined on the patient index:
+
+- PostgreSQL: `COPY (SELECT ...) TO STDOUT` as CSV, parsed by pyarrow (no Python object per value);
+- SQLite: one query on the driver cursor; dates and times parsed vectorised from SQLAlchemy's
+  text format.
+
+Text columns come back as pandas' `str` dtype, instants as datetime64[ns], calendar days as
+datetime64[ns] at midnight.
+"""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from datetime import date
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from sqlalchemy import Connection, select
 
-from bonewatch.store.tables import clinical_events, lab_results
+from bonewatch.store.tables import clinical_events, lab_results, patient_index
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
                  "urine_albumin_24h", "urine_albumin_spot"]
 
+LAB_COLUMNS = {"result_id": "text", "patient_id": "text", "analyte": "text", "value": "float",
+               "censor": "text", "unit": "text", "collected_at": "instant", "collected_date": "day",
+               "status": "text"}
+EVENT_COLUMNS = {"event_key": "text", "patient_id": "text", "event_type": "text", "occurred_at": "instant",
+                 "occurred_date": "day", "value": "text", "detail": "text"}
+_BATCH_TABLE = "_bw_eval_batch"
+
 
 def load_history(conn: Connection, as_of: date) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Results and events collected on or before `as_of` (calendar day), as DataFrames."""
-    r = lab_results.c
-    labs = pd.read_sql(
-        select(r.result_id, r.patient_id, r.analyte, r.value, r.censor, r.unit, r.collected_at,
-               r.collected_date, r.status)
-        .where(r.collected_date <= as_of, r.analyte.in_(RULE_ANALYTES)), conn)
-    e = clinical_events.c
-    events = pd.read_sql(
-        select(e.event_key, e.patient_id, e.event_type, e.occurred_at, e.occurred_date, e.value, e.detail)
-        .where(e.occurred_date <= as_of), conn)
-    for frame, column in ((labs, "collected_at"), (events, "occurred_at")):
-        frame[column] = pd.to_datetime(frame[column]).astype("datetime64[ns]")
-    # One string dtype everywhere (pandas infers it for derived frames too), so merges line up.
-    for frame, text in ((labs, ["result_id", "patient_id", "analyte", "censor", "unit", "status"]),
-                        (events, ["event_key", "patient_id", "event_type", "value", "detail"])):
-        for column in text:
-            frame[column] = frame[column].fillna("").astype("str")
+    """Every patient's results and events collected on or before `as_of` (calendar day).
+
+    Small stores and tests only: it holds the whole store in memory. The pipeline reads in
+    patient batches with `load_patients`."""
+    labs, events = load_patients(conn, None)
+    cut = pd.Timestamp(as_of)
+    return (labs[labs["collected_date"] <= cut].reset_index(drop=True),
+            events[events["occurred_date"] <= cut].reset_index(drop=True))
+
+
+def load_patients(conn: Connection, patient_ids: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole history (every date) of these patients (None: of every patient): rule analytes'
+    results and all events, as DataFrames with the dtypes the rules expect."""
+    if patient_ids is not None:
+        _fill_batch(conn, patient_ids)
+    analytes = ", ".join(f"'{a}'" for a in RULE_ANALYTES)   # constants, not user input
+    labs = _query(conn, lab_results.name, LAB_COLUMNS, f"t.analyte IN ({analytes})", patient_ids is not None)
+    events = _query(conn, clinical_events.name, EVENT_COLUMNS, "1 = 1", patient_ids is not None)
     return labs, events
+
+
+def _fill_batch(conn: Connection, patient_ids: Sequence[str]) -> None:
+    ids = [(str(p),) for p in dict.fromkeys(patient_ids)]
+    if conn.dialect.name == "postgresql":
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH_TABLE} (patient_id text PRIMARY KEY)")
+            cur.execute(f"TRUNCATE {_BATCH_TABLE}")
+            with cur.copy(f"COPY {_BATCH_TABLE} (patient_id) FROM STDIN") as copy:
+                for (pid,) in ids:
+                    copy.write_row((pid,))
+            cur.execute(f"ANALYZE {_BATCH_TABLE}")
+        return
+    raw = conn.connection.driver_connection
+    raw.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH_TABLE} (patient_id TEXT PRIMARY KEY)")
+    raw.execute(f"DELETE FROM {_BATCH_TABLE}")
+    raw.executemany(f"INSERT INTO {_BATCH_TABLE} (patient_id) VALUES (?)", ids)
+
+
+_ARROW = {"text": pa.string(), "float": pa.float64(), "instant": pa.timestamp("us"), "day": pa.timestamp("us")}
+
+
+def _query(conn: Connection, table: str, columns: dict[str, str], where: str, batch: bool) -> pd.DataFrame:
+    names = ", ".join(f"t.{c}" for c in columns)
+    source = f"{table} AS t" + (f" JOIN {_BATCH_TABLE} AS b ON b.patient_id = t.patient_id" if batch else "")
+    sql = f"SELECT {names} FROM {source} WHERE {where}"
+    if conn.dialect.name == "postgresql":
+        return _copy_out(conn, sql, columns)
+    cur = conn.connection.driver_connection.execute(sql)
+    parts = []
+    while rows := cur.fetchmany(100_000):   # a bounded number of Python objects at a time
+        values = list(zip(*rows, strict=True))
+        # SQLAlchemy stores SQLite dates and times as ISO text: Arrow parses them in C
+        parts.append(pa.table({name: pa.array(column, type=pa.string() if kind in ("instant", "day") else _ARROW[kind])
+                               for (name, kind), column in zip(columns.items(), values, strict=True)}))
+    if not parts:
+        parts = [pa.table({name: pa.array([], type=pa.string()) for name in columns})]
+    return _typed(pa.concat_tables(parts), columns)
+
+
+def _copy_out(conn: Connection, sql: str, columns: dict[str, str]) -> pd.DataFrame:
+    raw = conn.connection.driver_connection
+    buffer = io.BytesIO()
+    with raw.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT csv)") as copy:
+        for block in copy:
+            buffer.write(block)
+    if buffer.tell() == 0:
+        return _typed(pa.table({name: pa.array([], type=pa.string()) for name in columns}), columns)
+    buffer.seek(0)
+    table = pacsv.read_csv(buffer, read_options=pacsv.ReadOptions(column_names=list(columns)),
+                           convert_options=pacsv.ConvertOptions(
+                               column_types={name: _ARROW[kind] for name, kind in columns.items()},
+                               strings_can_be_null=False, quoted_strings_can_be_null=False))
+    return _typed(table, columns)
+
+
+def _typed(table: pa.Table, columns: dict[str, str]) -> pd.DataFrame:
+    """Arrow -> the frame the rules expect: text as `str`, instants and days as datetime64[ns]."""
+    arrays = {}
+    for name, kind in columns.items():
+        array = table.column(name)
+        if kind in ("instant", "day") and not pa.types.is_timestamp(array.type):
+            array = array.cast(pa.timestamp("us"))
+        elif kind == "float" and not pa.types.is_floating(array.type):
+            array = array.cast(pa.float64())
+        arrays[name] = array
+    frame = pa.table(arrays).to_pandas()
+    for name, kind in columns.items():
+        if kind in ("instant", "day"):
+            frame[name] = frame[name].astype("datetime64[ns]")
+        elif kind == "text":
+            frame[name] = frame[name].fillna("").astype("str")
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation index
+
+
+def patients_to_evaluate(conn: Connection, as_of: date, digest: str, *, full: bool = False) -> pd.DataFrame:
+    """Patients whose findings as of `as_of` may differ from those of their last evaluation:
+    data loaded since (visible by `as_of`), a due date reached, a different rule set, or a night
+    replayed before their last one. Columns: patient_id, dirty_seq. `full`: every patient."""
+    p = patient_index.c
+    query = select(p.patient_id, p.dirty_seq)
+    if not full:
+        query = query.where((p.dirty_from <= as_of) | (p.next_due_on <= as_of) | (p.evaluated_on > as_of)
+                            | p.evaluated_with.is_(None) | (p.evaluated_with != digest))
+    rows = conn.execute(query.order_by(p.patient_id)).all()
+    return pd.DataFrame({"patient_id": pd.Series([r[0] for r in rows], dtype="str"),
+                         "dirty_seq": np.array([r[1] for r in rows], dtype="int64")})

@@ -6,6 +6,7 @@ alerts by (patient, rule, episode), outbox messages by (recipient, night).
 """
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Date,
     DateTime,
@@ -111,6 +112,10 @@ alerts = Table(
     Column("notified_at", DateTime),
     Column("acknowledged_by", String(128)),
     Column("acknowledged_at", DateTime),
+    # 0003: re-notify bookkeeping (unacknowledged high-severity alerts are re-sent)
+    Column("last_notified_night", Date, comment="night of the last digest a server accepted with it"),
+    Column("notify_count", Integer, nullable=False, default=0, server_default="0",
+           comment="digests accepted with it (all recipients)"),
     Index("ix_alerts_patient", "patient_id", "rule"),
     Index("ix_alerts_status", "status"),
 )
@@ -129,6 +134,12 @@ outbox = Table(
     Column("last_error", Text),
     Column("created_at", DateTime, nullable=False),
     Column("sent_at", DateTime),
+    # 0003: ready-made messages (queue_message) and back-off
+    Column("message_key", String(200), comment="caller's key of a ready-made message"),
+    Column("body_text", Text, comment="ready-made messages only"),
+    Column("body_html", Text),
+    Column("next_attempt_at", DateTime, comment="back-off: not retried before this (UTC)"),
+    Index("ux_outbox_kind_key_recipient", "kind", "message_key", "recipient", unique=True),
 )
 
 runs = Table(
@@ -141,4 +152,140 @@ runs = Table(
     Column("finished_at", DateTime),
     Column("status", String(16), nullable=False),
     Column("summary", Text, comment="JSON counts"),
+)
+
+
+# 0003: every alert state change and every send attempt, append-only. No patient identifier:
+# alert ids are opaque, recipients are mailbox addresses, details are SMTP replies.
+alert_audit = Table(
+    "alert_audit",
+    metadata,
+    Column("audit_id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False, comment="UTC, wall clock"),
+    Column("night", Date, comment="the night being processed, if any"),
+    Column("alert_id", String(16)),
+    Column("message_id", String(128)),
+    Column("event", String(24), nullable=False,
+           comment="raised|reopened|resolved|notified|acknowledged|send|cancelled"),
+    Column("from_status", String(16)),
+    Column("to_status", String(16)),
+    Column("actor", String(160), nullable=False, comment="evaluate | outbox | cli:<name> | web:<name>"),
+    Column("result", String(16), nullable=False, comment="ok | accepted | failed"),
+    Column("detail", Text, comment="recipient, SMTP reply; never patient data"),
+    Index("ix_alert_audit_alert", "alert_id", "at"),
+    Index("ix_alert_audit_message", "message_id"),
+)
+
+
+# ---- 0004: data-quality monitoring (bonewatch.dashboard) -------------------------------------
+# Per night and per feed, what arrived, when, and how good it was; the nightly run writes these
+# (upserts keyed on the night), the dashboard reads them. No patient identifier in any of them.
+
+dq_arrivals = Table(
+    "dq_arrivals",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True, comment="deliveries.delivery_id"),
+    Column("arrived_at", DateTime, nullable=False, comment="UTC: when the file reached the inbox"),
+    Column("basis", String(16), nullable=False, comment="file_mtime | ingested"),
+)
+
+dq_feed_nights = Table(
+    "dq_feed_nights",
+    metadata,
+    Column("night", Date, primary_key=True),
+    Column("feed", String(64), primary_key=True),
+    Column("expected", Boolean, nullable=False),
+    Column("deadline_at", DateTime, nullable=False, comment="UTC"),
+    Column("arrived_at", DateTime, comment="UTC: the night's last delivery of the feed"),
+    Column("status", String(16), nullable=False,
+           comment="on_time | late | missing | pending | not_expected | unreadable"),
+    Column("rag", String(8), nullable=False, comment="red | amber | green | grey"),
+    Column("deliveries", Integer, nullable=False),
+    Column("resent", Integer, nullable=False, comment="files identical to an earlier delivery"),
+    Column("rows_total", Integer, nullable=False),
+    Column("rows_accepted", Integer, nullable=False),
+    Column("rows_quarantined", Integer, nullable=False),
+    Column("bad_row_rate", Float, nullable=False),
+    Column("expectations_passed", Integer, nullable=False),
+    Column("expectations_failed", Integer, nullable=False),
+    Column("quarantine_reasons", Text, nullable=False, comment="JSON {reason without patient data: rows}"),
+    Column("units", Text, nullable=False, comment="JSON {analyte: {unit as sent: rows}}"),
+    Column("unit_switches", Text, nullable=False, comment="JSON list"),
+    Column("distributions", Text, nullable=False, comment="JSON {analyte: {n, p05..p95, history_p50}}"),
+    Column("notes", Text, nullable=False, comment="JSON list of problems, plain text"),
+    Column("recorded_at", DateTime, nullable=False),
+)
+
+dq_nights = Table(
+    "dq_nights",
+    metadata,
+    Column("night", Date, primary_key=True),
+    Column("alerts_raised", Integer, nullable=False),
+    Column("alerts_by_rule", Text, nullable=False, comment="JSON {rule: alerts first raised this night}"),
+    Column("ack_latency", Text, nullable=False, comment="JSON, alerts raised in the window, as of the run"),
+    Column("unreadable_files", Integer, nullable=False),
+    Column("recorded_at", DateTime, nullable=False),
+)
+
+dq_validations = Table(
+    "dq_validations",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, comment="chunk number within the delivery"),
+    Column("feed", String(64), nullable=False),
+    Column("night", Date),
+    Column("suite", String(64), nullable=False),
+    Column("success", Boolean, nullable=False),
+    Column("evaluated", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("validated_at", DateTime, nullable=False),
+    Column("result", Text, nullable=False, comment="GX validation result JSON, unexpected-row lists removed"),
+    Index("ix_dq_validations_night", "night"),
+)
+
+dq_problems = Table(
+    "dq_problems",
+    metadata,
+    Column("night", Date, primary_key=True),
+    Column("feed", String(64), primary_key=True),
+    Column("issue", String(64), primary_key=True, comment="late | missing | bad_rows | unit_switch:<analyte> | unreadable"),
+    Column("severity", String(8), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("found_at", DateTime, nullable=False),
+    Column("message_key", String(200), comment="outbox key of the data-team email; NULL when not emailed"),
+)
+
+# 0005: the evaluation index (issue: performance). One row per patient: what the next
+# incremental evaluation must re-read. Loads mark patients (dirty_from); an evaluation records the
+# night it saw, the rule set it ran, and the next night on which that patient's findings can change
+# with no new data (a course's 12/24-month review, a lapse, a monitoring window closing...).
+patient_index = Table(
+    "patient_index",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("dirty_from", Date, comment="earliest day of data loaded since its last evaluation; NULL: none"),
+    Column("dirty_seq", Integer, nullable=False, default=0, server_default="0",
+           comment="bumped by every load that marks it; an evaluation clears dirty_from only if unchanged"),
+    Column("evaluated_on", Date, comment="night of its last evaluation"),
+    Column("evaluated_with", String(16), comment="digest of the rule code and configuration used"),
+    Column("next_due_on", Date, comment="first night after evaluated_on when findings can change without new data"),
+    Index("ix_patient_index_next_due_on", "next_due_on"),
+    Index("ix_patient_index_dirty_from", "dirty_from"),
+)
+
+course_states = Table(
+    "course_states",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("agent_class", String(16), primary_key=True),
+    Column("course_start", Date, primary_key=True),
+    Column("last_dose", Date, nullable=False),
+    Column("course_end", Date, nullable=False),
+    Column("status", String(16), nullable=False, comment="active | held | discontinued"),
+    Column("hold_reason", String(64), nullable=False),
+    Column("renal_baseline_scr", Float),
+    Column("renal_baseline_date", Date),
+    Column("renal_baseline_crcl", Float),
+    Column("baseline_note", Text, nullable=False),
+    Column("as_of", Date, nullable=False, comment="the night this state was computed for"),
 )

@@ -1,14 +1,33 @@
-"""Bulk upserts keyed on natural keys (no per-row ORM objects, no per-row round trips)."""
+"""Bulk upserts keyed on natural keys (no per-row ORM objects, no per-row round trips).
+
+The hot tables (lab results, events) take a fast path per backend:
+
+- PostgreSQL: the chunk is rendered as CSV by pyarrow, `COPY`-ed through psycopg 3 into a temp
+  table, then moved with one `INSERT ... SELECT ... ON CONFLICT` (the server does the upsert in
+  one statement; the client never builds a Python object per value);
+- SQLite: one `executemany` over the whole chunk on the driver connection, with dates and times
+  pre-rendered in SQLAlchemy's own storage format, inside the caller's (large) transaction.
+
+Every write also marks the patients it touched in `patient_index` (see `PatientMarks`), so the
+next evaluation re-reads only them.
+"""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
+
+import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Table, select
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from sqlalchemy import Connection, Date, DateTime, Float, Integer, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bonewatch.store.tables import clinical_events, deliveries, lab_results, quarantine
+from bonewatch.store.tables import clinical_events, deliveries, lab_results, patient_index, quarantine
 
 _BATCH = 20000
+_COPY_PIECE = 8 << 20      # bytes handed to COPY at a time
 
 
 def _insert(conn: Connection, table: Table):
@@ -26,27 +45,222 @@ def _execute_batched(conn: Connection, statement, frame: pd.DataFrame, columns: 
         conn.execute(statement, _records(frame.iloc[start:start + _BATCH], columns))
 
 
-def upsert_results(conn: Connection, rows: pd.DataFrame) -> None:
+# --------------------------------------------------------------------------------------------
+# columnar rendering shared by both backends
+
+
+def _arrow_column(series: pd.Series, sql_type) -> pa.Array:
+    """One column as Arrow, typed by its SQL column (dates accept date objects or timestamps)."""
+    if isinstance(sql_type, DateTime):
+        values = pd.to_datetime(series).astype("datetime64[us]")
+        return pa.array(values, type=pa.timestamp("us"), from_pandas=True)
+    if isinstance(sql_type, Date):
+        values = pd.to_datetime(series).astype("datetime64[s]").dt.normalize()
+        return pa.array(values, type=pa.timestamp("s"), from_pandas=True).cast(pa.date32())
+    if isinstance(sql_type, Float):
+        return pa.array(pd.to_numeric(series), type=pa.float64(), from_pandas=True)
+    if isinstance(sql_type, Integer):
+        return pa.array(series, type=pa.int64(), from_pandas=True)
+    return pa.array(series.astype("object").where(series.notna(), None), type=pa.string(), from_pandas=True)
+
+
+def _arrow_table(frame: pd.DataFrame, table: Table, columns: list[str]) -> pa.Table:
+    return pa.table({name: _arrow_column(frame[name], table.c[name].type) for name in columns})
+
+
+_CLOCK = np.array([f" {h:02d}:{m:02d}:{sec:02d}.000000" for h in range(24) for m in range(60) for sec in range(60)],
+                  dtype=object)
+
+
+def _format_datetimes(values: np.ndarray, with_time: bool) -> list:
+    """datetime64 values -> 'YYYY-MM-DD HH:MM:SS.ffffff' (or 'YYYY-MM-DD') strings, None for NaT.
+
+    Each distinct day is formatted once and the clock time comes from a table of the day's
+    86,400 seconds: numpy's and Arrow's strftime cost a few microseconds a value on this
+    hardware, which at ten million rows is most of a minute."""
+    stamps = values.astype("datetime64[us]")
+    missing = np.isnat(stamps)
+    stamps = np.where(missing, np.datetime64("1970-01-01T00:00:00", "us"), stamps)
+    days = stamps.astype("datetime64[D]")
+    uniques, codes = np.unique(days, return_inverse=True)
+    text = np.array([str(d) for d in uniques], dtype=object)[codes.ravel()]
+    if with_time:
+        micros = (stamps - days.astype("datetime64[us]")).astype("int64")
+        fraction = micros % 1_000_000
+        text = text + _CLOCK[micros // 1_000_000]
+        for i in np.flatnonzero(fraction):
+            text[i] = text[i][:20] + f"{fraction[i]:06d}"
+    if missing.any():
+        text[missing] = None
+    return text.tolist()
+
+
+def _sqlite_rows(data: pa.Table, table: Table):
+    """Rows as tuples of Python scalars, dates and times as SQLAlchemy's SQLite text format
+    ('YYYY-MM-DD HH:MM:SS.ffffff', 'YYYY-MM-DD'), so reads through SQLAlchemy see the same.
+    An iterator: executemany builds one tuple at a time, not a list of a whole chunk's tuples."""
+    columns = []
+    for name in data.column_names:
+        array = data.column(name)
+        sql_type = table.c[name].type
+        if isinstance(sql_type, DateTime | Date):
+            values = array.to_numpy(zero_copy_only=False)
+            columns.append(_format_datetimes(values, isinstance(sql_type, DateTime)))
+        elif pa.types.is_string(array.type):
+            columns.append(array.to_numpy(zero_copy_only=False).tolist())
+        else:
+            columns.append(array.to_pylist())
+    return zip(*columns, strict=True)
+
+
+def _copy_into_temp(conn: Connection, data: pa.Table, table: Table) -> str:
+    """COPY an Arrow table into a session temp table shaped like `table`; return its name."""
+    temp = f"_bw_load_{table.name}"
+    raw = conn.connection.driver_connection
+    columns = ", ".join(data.column_names)
+    with raw.cursor() as cur:
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE {table.name} INCLUDING DEFAULTS)")
+        cur.execute(f"TRUNCATE {temp}")
+        buffer = io.BytesIO()
+        pacsv.write_csv(data, buffer, write_options=pacsv.WriteOptions(include_header=False))
+        view = buffer.getbuffer()
+        with cur.copy(f"COPY {temp} ({columns}) FROM STDIN (FORMAT csv)") as copy:
+            for start in range(0, len(view), _COPY_PIECE):
+                copy.write(view[start:start + _COPY_PIECE])
+        del view
+    return temp
+
+
+def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[str],
+                 update: list[str] | None, where: str | None = None) -> None:
+    """INSERT every row; on a key conflict update `update` columns (when `where` holds), or do
+    nothing when `update` is None. One statement per chunk on PostgreSQL, one executemany on SQLite."""
+    columns = [c.name for c in table.columns if c.name in frame.columns]
+    data = _arrow_table(frame, table, columns)
+    names = ", ".join(columns)
+    conflict = f"ON CONFLICT ({', '.join(key)}) " + (
+        "DO NOTHING" if not update else
+        "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in update) + (f" WHERE {where}" if where else ""))
+    if conn.dialect.name == "postgresql":
+        temp = _copy_into_temp(conn, data, table)
+        # WHERE true: SQLite's grammar needs it after SELECT in an upsert; harmless here too.
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {temp} WHERE true {conflict}")
+        return
+    marks = ", ".join("?" for _ in columns)
+    rows = _sqlite_rows(data, table)
+    conn.connection.driver_connection.executemany(
+        f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}", rows)
+
+
+def prepare_bulk(conn: Connection) -> None:
+    """Per-connection settings for a large load: a bigger SQLite page cache (the patient index
+    is updated in random order; the default 2 MB cache thrashes). No-op on PostgreSQL."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("PRAGMA cache_size = -131072")   # 128 MiB
+
+
+# --------------------------------------------------------------------------------------------
+# patient marks: which patients the next evaluation must re-read
+
+
+class PatientMarks:
+    """Patients touched by a load and the earliest day of their new data, accumulated over the
+    chunks of a file and written once (`flush`), so a 10 M-row file costs one upsert per patient."""
+
+    def __init__(self) -> None:
+        self._parts: list[pd.Series] = []
+
+    def add(self, patient_id: pd.Series, day: pd.Series) -> None:
+        if len(patient_id):
+            days = pd.to_datetime(pd.Series(np.asarray(day), index=None)).dt.normalize()
+            part = days.groupby(np.asarray(patient_id, dtype=object)).min()
+            self._parts.append(part)
+            if len(self._parts) > 16:   # keep the accumulator small
+                self._parts = [self._reduce()]
+
+    def _reduce(self) -> pd.Series:
+        joined = pd.concat(self._parts)
+        return joined.groupby(level=0).min()
+
+    def flush(self, conn: Connection) -> int:
+        """Upsert the marks: dirty_from = the earlier of stored and new, dirty_seq + 1."""
+        if not self._parts:
+            return 0
+        marks = self._reduce()
+        self._parts = []
+        frame = pd.DataFrame({"patient_id": marks.index.astype(str), "dirty_from": marks.to_numpy(),
+                              "dirty_seq": 1})
+        _mark(conn, frame)
+        return len(frame)
+
+
+def _mark(conn: Connection, frame: pd.DataFrame) -> None:
+    t = patient_index.name
+    update = (f"ON CONFLICT (patient_id) DO UPDATE SET "
+              f"dirty_from = CASE WHEN {t}.dirty_from IS NULL OR excluded.dirty_from < {t}.dirty_from "
+              f"THEN excluded.dirty_from ELSE {t}.dirty_from END, dirty_seq = {t}.dirty_seq + 1")
+    data = _arrow_table(frame, patient_index, ["patient_id", "dirty_from", "dirty_seq"])
+    if conn.dialect.name == "postgresql":
+        temp = _copy_into_temp(conn, data, patient_index)
+        conn.exec_driver_sql(f"INSERT INTO {t} (patient_id, dirty_from, dirty_seq) "
+                             f"SELECT patient_id, dirty_from, dirty_seq FROM {temp} WHERE true {update}")
+        return
+    conn.connection.driver_connection.executemany(
+        f"INSERT INTO {t} (patient_id, dirty_from, dirty_seq) VALUES (?, ?, ?) {update}",
+        _sqlite_rows(data, patient_index))
+
+
+def mark_patients(conn: Connection, patient_id: Iterable[str], day: Iterable) -> int:
+    """Mark patients as changed from `day` on (one call; see PatientMarks for many chunks)."""
+    marks = PatientMarks()
+    marks.add(pd.Series(list(patient_id), dtype=object), pd.Series(list(day)))
+    return marks.flush(conn)
+
+
+# --------------------------------------------------------------------------------------------
+# the feeds' tables
+
+
+def dedupe_results(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per result id: the last of those with the highest status rank, the same rule the
+    store applies across deliveries (a late copy of an original never undoes a correction)."""
+    if not rows["result_id"].duplicated().any():
+        return rows
+    ranked = rows.iloc[np.argsort(rows["status_rank"].to_numpy(), kind="stable")]
+    return ranked[~ranked["result_id"].duplicated(keep="last")].sort_index()
+
+
+def upsert_results(conn: Connection, rows: pd.DataFrame, marks: PatientMarks | None = None) -> None:
     """Insert results; a row with the same result id replaces the stored one unless the stored
-    status outranks it (a correction is never undone by a late copy of the original)."""
+    status outranks it (a correction is never undone by a late copy of the original).
+
+    The patients touched are marked for the next evaluation: in `marks` when given (flushed by
+    the caller at the end of the file), else right away."""
     if rows.empty:
         return
+    rows = dedupe_results(rows)
     columns = [c.name for c in lab_results.columns]
-    stmt = _insert(conn, lab_results)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["result_id"],
-        set_={c: stmt.excluded[c] for c in columns if c != "result_id"},
-        where=stmt.excluded.status_rank >= lab_results.c.status_rank,
-    )
-    _execute_batched(conn, stmt, rows, columns)
+    _bulk_upsert(conn, rows, lab_results, ["result_id"], [c for c in columns if c != "result_id"],
+                 where="excluded.status_rank >= lab_results.status_rank")
+    _note(conn, marks, rows["patient_id"], rows["collected_date"])
 
 
-def insert_events(conn: Connection, rows: pd.DataFrame) -> None:
+def insert_events(conn: Connection, rows: pd.DataFrame, marks: PatientMarks | None = None) -> None:
+    """Insert events (a re-sent event has the same key and changes nothing); marks patients."""
     if rows.empty:
         return
-    columns = [c.name for c in clinical_events.columns]
-    stmt = _insert(conn, clinical_events).on_conflict_do_nothing(index_elements=["event_key"])
-    _execute_batched(conn, stmt, rows, columns)
+    rows = rows[~rows["event_key"].duplicated(keep="first")]   # as ON CONFLICT DO NOTHING across chunks
+    _bulk_upsert(conn, rows, clinical_events, ["event_key"], None)
+    _note(conn, marks, rows["patient_id"], rows["occurred_date"])
+
+
+def _note(conn: Connection, marks: PatientMarks | None, patient_id: pd.Series, day: pd.Series) -> None:
+    if marks is not None:
+        marks.add(patient_id, day)
+    else:
+        one = PatientMarks()
+        one.add(patient_id, day)
+        one.flush(conn)
 
 
 def insert_quarantine(conn: Connection, rows: pd.DataFrame) -> None:
@@ -66,3 +280,28 @@ def record_delivery(conn: Connection, row: dict) -> None:
     stmt = stmt.on_conflict_do_update(index_elements=["delivery_id"],
                                       set_={k: stmt.excluded[k] for k in row if k != "delivery_id"})
     conn.execute(stmt, [row])
+
+
+def record_evaluation(conn: Connection, evaluated: pd.DataFrame, as_of, digest: str) -> None:
+    """After an evaluation: for each evaluated patient (columns patient_id, dirty_seq as read
+    before, next_due_on) store the night, the rule digest and the next due night, and clear its
+    dirty mark unless a load marked it again meanwhile (dirty_seq moved on)."""
+    if evaluated.empty:
+        return
+    t = patient_index.name
+    frame = pd.DataFrame({"patient_id": evaluated["patient_id"].astype(str).to_numpy(),
+                          "dirty_seq": evaluated["dirty_seq"].astype("int64").to_numpy(),
+                          "next_due_on": evaluated["next_due_on"].to_numpy(),
+                          "evaluated_on": pd.Timestamp(as_of), "evaluated_with": digest})
+    columns = ["patient_id", "dirty_seq", "next_due_on", "evaluated_on", "evaluated_with"]
+    data = _arrow_table(frame, patient_index, columns)
+    assign = ("evaluated_on = s.evaluated_on, evaluated_with = s.evaluated_with, next_due_on = s.next_due_on, "
+              f"dirty_from = CASE WHEN {t}.dirty_seq = s.dirty_seq THEN NULL ELSE {t}.dirty_from END")
+    if conn.dialect.name == "postgresql":
+        temp = _copy_into_temp(conn, data, patient_index)
+        conn.exec_driver_sql(f"UPDATE {t} SET {assign} FROM {temp} AS s WHERE {t}.patient_id = s.patient_id")
+        return
+    rows = _sqlite_rows(data, patient_index)
+    conn.connection.driver_connection.executemany(
+        f"UPDATE {t} SET evaluated_on = ?4, evaluated_with = ?5, next_due_on = ?3, "
+        f"dirty_from = CASE WHEN dirty_seq = ?2 THEN NULL ELSE dirty_from END WHERE patient_id = ?1", rows)

@@ -1,0 +1,129 @@
+"""One bench step, run in its own process so its wall time and peak RSS are its own.
+
+    python -m bench.steps STEP '{"json": "arguments"}'
+
+prints one JSON line: {"step", "seconds", "peak_rss_mib", ...step details}. `seconds` is the wall
+time of the step's work, lazy imports it triggers included (GX is imported on the first chunk, as
+in an Airflow task), the interpreter's start excluded for every step alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def duckdb_reference(args: dict) -> dict:
+    """The floor: DuckDB reads the same lab CSV and computes, per patient, the baseline (first),
+    latest and delta of creatinine and ALP in canonical units."""
+    import duckdb
+
+    start = time.perf_counter()
+    con = duckdb.connect()
+    rows = con.execute("""
+        WITH labs AS (
+            SELECT patient_id,
+                   CASE WHEN loinc IN ('2160-0', '14682-9') THEN 'creatinine' ELSE 'alp' END AS analyte,
+                   TRY_CAST(value AS DOUBLE) * CASE lower(unit) WHEN 'umol/l' THEN 1 / 88.4
+                                                                WHEN 'ukat/l' THEN 60 ELSE 1 END AS v,
+                   TRY_CAST(collected_at AS TIMESTAMP) AS ts
+            FROM read_csv(?, header = true, all_varchar = true)
+            WHERE loinc IN ('2160-0', '14682-9', '6768-6') AND status IN ('final', 'corrected'))
+        SELECT count(*), sum(delta) FROM (
+            SELECT patient_id, analyte, arg_min(v, ts) AS baseline, arg_max(v, ts) AS latest,
+                   arg_max(v, ts) - arg_min(v, ts) AS delta
+            FROM labs WHERE v IS NOT NULL GROUP BY patient_id, analyte)
+    """, [args["csv"]]).fetchone()
+    return {"seconds": time.perf_counter() - start, "groups": rows[0]}
+
+
+def _settings(args: dict):
+    os.environ["BONEWATCH_DATABASE_URL"] = args["url"]
+    os.environ["BONEWATCH_DATA_DIR"] = args["data_dir"]
+    from bonewatch.config import load_settings, with_overrides
+
+    settings = load_settings()
+    if args.get("chunk_size"):
+        settings = with_overrides(settings, ingest__chunk_size=int(args["chunk_size"]))
+    return settings
+
+
+def _evaluate(settings, as_of: date, full: bool = False) -> tuple[float, dict]:
+    from bonewatch import pipeline
+
+    start = time.perf_counter()
+    summary = pipeline.evaluate(settings, as_of, full=full)
+    return time.perf_counter() - start, summary.as_dict()
+
+
+def backfill(args: dict) -> dict:
+    """A fresh store, migrated (not timed); then ingest + validate + store + evaluate."""
+    settings = _settings(args)
+    from bonewatch import pipeline
+
+    pipeline.engine_for(settings, migrate=True).dispose()
+    start = time.perf_counter()
+    ingested = pipeline.ingest(settings, [args["labs"], args["events"]])
+    ingest_s = time.perf_counter() - start
+    evaluate_s, evaluated = _evaluate(settings, date.fromisoformat(args["as_of"]))
+    return {"seconds": time.perf_counter() - start, "ingest_s": ingest_s, "evaluate_s": evaluate_s,
+            "accepted": ingested.accepted, "quarantined": ingested.quarantined,
+            "patients": evaluated["patients"], "findings": evaluated["findings"]}
+
+
+def night(args: dict) -> dict:
+    """The night's deliveries, then the night's evaluation (incremental)."""
+    settings = _settings(args)
+    from bonewatch import pipeline
+
+    start = time.perf_counter()
+    ingested = pipeline.ingest(settings, [args["night_dir"]], partition=args["as_of"])
+    ingest_s = time.perf_counter() - start
+    evaluate_s, evaluated = _evaluate(settings, date.fromisoformat(args["as_of"]))
+    return {"seconds": time.perf_counter() - start, "ingest_s": ingest_s, "evaluate_s": evaluate_s,
+            "accepted": ingested.accepted, "skipped_files": ingested.skipped_files,
+            "patients": evaluated["patients"], "findings": evaluated["findings"],
+            "new_alerts": evaluated["new_alerts"]}
+
+
+rerun = night    # the same night again: every file is in the ledger, no patient is dirty
+
+
+def evaluate_full(args: dict) -> dict:
+    """A full evaluation of every patient (the scaling measurement: 1 k, 10 k, 100 k patients)."""
+    settings = _settings(args)
+    seconds, evaluated = _evaluate(settings, date.fromisoformat(args["as_of"]) + timedelta(days=0), full=True)
+    return {"seconds": seconds, "patients": evaluated["patients"], "findings": evaluated["findings"]}
+
+
+STEPS = {"duckdb": duckdb_reference, "backfill": backfill, "night": night, "rerun": rerun,
+         "evaluate_full": evaluate_full}
+
+
+def main() -> None:
+    step, args = sys.argv[1], json.loads(sys.argv[2])
+    profile = args.get("profile")
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(STEPS[step], args)
+        profiler.dump_stats(profile)
+    else:
+        result = STEPS[step](args)
+    result.update({"step": step, "peak_rss_mib": round(_peak_rss_mib(), 1)})
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
