@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench lock clean
+.PHONY: demo test acceptance bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure-postgres
+	bash scripts/ensure-chromium
 	$(BIN)/ruff check dags plugins tests
 	$(BIN)/pytest -n 2 --dist loadgroup
 
+# Issue 4's acceptance scale: 2,000 synthetic patients over a year of nights (about 15 minutes).
+acceptance: $(STAMP)
+	COHORT_SCALE=full $(BIN)/pytest tests/integration/test_cohort.py -n 0 -s
+
 bench: $(STAMP)
+	bash scripts/ensure-postgres
 	$(BIN)/python -m bench.run
 
 # Re-pin every dependency (needs uv; run by a maintainer, not by the two commands).

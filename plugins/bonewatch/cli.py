@@ -129,12 +129,13 @@ def evaluate(ctx: click.Context, as_of: date) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "fhir"]), default="table", show_default=True,
+              help="json: one object a line; fhir: one FHIR R4 DetectedIssue a line (NDJSON).")
 @click.option("--status", multiple=True, type=click.Choice(["open", "notified", "acknowledged", "resolved"]),
               help="Only these statuses (repeatable). Default: every status.")
 @click.pass_context
 def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
-    """List alerts. JSON is one object a line."""
+    """List alerts. JSON is one object a line; FHIR is one R4 DetectedIssue a line, validated."""
     from bonewatch import pipeline
     from bonewatch.store import alerts as store_alerts
 
@@ -144,6 +145,12 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
     if fmt == "json":
         for row in rows:
             click.echo(json.dumps(row, sort_keys=True, default=str))
+        return
+    if fmt == "fhir":
+        from bonewatch.export import detected_issue_lines
+
+        for line in detected_issue_lines(rows):
+            click.echo(line)
         return
     from rich.console import Console
     from rich.table import Table
@@ -159,9 +166,13 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.option("--night", type=DATE, help="Night whose digests to queue (default: the latest evaluated night).")
+@click.option("--retry-now", is_flag=True,
+              help="Retry messages that failed recently now, without waiting out their back-off.")
 @click.pass_context
-def notify(ctx: click.Context, night: date | None) -> None:
-    """Queue the digests of new alerts and send what the outbox holds (SMTP)."""
+def notify(ctx: click.Context, night: date | None, retry_now: bool) -> None:
+    """Queue the digests of new alerts (and reminders of unacknowledged urgent ones) and send
+    what the outbox holds (SMTP). A message the server did not accept stays pending, with the
+    error recorded, and is retried with back-off on the next run; the exit code is then 1."""
     from bonewatch import pipeline
     from bonewatch.store import alerts as store_alerts
 
@@ -172,9 +183,10 @@ def notify(ctx: click.Context, night: date | None) -> None:
     if night is None:
         click.echo("nothing to send: no night has been evaluated")
         return
-    summary = pipeline.notify(settings, night)
+    summary = pipeline.notify(settings, night, retry_now=retry_now)
     click.echo(f"{summary.sent} message(s) sent, {summary.failed} left pending, "
-               f"{summary.alerts_notified} alert(s) notified")
+               f"{summary.alerts_notified} alert(s) notified"
+               + (f", {summary.deferred} waiting out a back-off (--retry-now to try now)" if summary.deferred else ""))
     for error in summary.errors:
         click.echo(f"error: {error}", err=True)
     ctx.exit(1 if summary.failed else 0)
@@ -248,6 +260,74 @@ def demo(ctx: click.Context, out: str | None, patients: int, nights: int) -> Non
     report = demo_run.run(settings, folder, patients=patients, nights=nights, progress=sys.stderr.isatty())
     for line in report:
         click.echo(line)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535),
+              help="Port (default: the port of [site] ack_base_url, else 8099).")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int | None) -> None:
+    """Serve the acknowledgement links of the emails (a small web app; stop with Ctrl-C).
+
+    Needs BONEWATCH_ACK_SECRET, the key the emails' links were signed with. Point
+    [site] ack_base_url at where nurses reach this server (hospital network only).
+    """
+    from urllib.parse import urlsplit
+
+    from bonewatch import web
+
+    settings = _settings(ctx)
+    web.require_secret(settings)
+    port = port or urlsplit(settings.site.ack_base_url).port or 8099
+    click.echo(f"serving acknowledgement links on http://{host}:{port} (Ctrl-C stops)", err=True)
+    web.serve(settings, host, port)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder to write into (default: [quality] dashboard_dir, else <data dir>/dashboard).")
+@click.option("--through", type=DATE, help="Last night to show (default: the latest night a run recorded).")
+@click.pass_context
+def dashboard(ctx: click.Context, out: str | None, through: date | None) -> None:
+    """Build the data-quality dashboard (static HTML that opens offline) and the GX Data Docs of
+    the validation runs in its window; prints the path of its index.html."""
+    from bonewatch import pipeline
+    from bonewatch.dashboard import build
+
+    settings = _settings(ctx)
+    folder = Path(out) if out else build.default_folder(settings)
+    index = build.build(pipeline.engine_for(settings), settings, folder, now=pipeline._now(), through=through)
+    click.echo(f"dashboard: {index}")
+
+
+@cli.command()
+@click.argument("alert_id")
+@click.pass_context
+def explain(ctx: click.Context, alert_id: str) -> None:
+    """Explain an alert: its evidence, the arithmetic, the rule and its citation, in plain words."""
+    from bonewatch import pipeline
+    from bonewatch.errors import NotFound
+    from bonewatch.explain import explain_alert
+    from bonewatch.store import alerts as store_alerts
+    from bonewatch.store.courses import courses_of
+
+    settings = _settings(ctx)
+    with pipeline.engine_for(settings).connect() as conn:
+        rows = store_alerts.list_alerts(conn, alert_id=alert_id)
+        if not rows:
+            raise NotFound(f"no alert {alert_id}")
+        courses = courses_of(conn, rows[0]["patient_id"])
+    click.echo(explain_alert(rows[0], settings, courses))
+
+
+@cli.command("rules")
+@click.pass_context
+def rules_table(ctx: click.Context) -> None:
+    """Print every rule with its thresholds, action and source (Markdown), from the configuration."""
+    from bonewatch.explain import rules_markdown
+
+    click.echo(rules_markdown(_settings(ctx)))
 
 
 def main(argv: list[str] | None = None) -> None:

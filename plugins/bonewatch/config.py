@@ -7,10 +7,13 @@ at start with its key and the reason.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 import tomllib
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +68,24 @@ class Recipients(BaseModel):
     teams: dict[str, list[str]] = {}
 
 
+class Notify(BaseModel):
+    """Alert delivery: re-notify interval, outbox back-off, acknowledgement links and charts."""
+
+    model_config = _STRICT
+    # Unacknowledged alerts of these severities are re-sent once this many nights have passed
+    # since the last digest that carried them; 0 turns re-notification off.
+    renotify_interval_days: int = Field(2, ge=0)
+    renotify_severities: list[Literal["high", "medium", "info"]] = ["high"]
+    # After a failed attempt a message waits base x 2^(attempts-1) seconds, at most max.
+    retry_backoff_s: float = Field(60, ge=0)
+    retry_backoff_max_s: float = Field(1800, ge=0)
+    # Acknowledgement links: signed with BONEWATCH_ACK_SECRET (environment only), valid this long.
+    ack_link_ttl_hours: float = Field(168, gt=0)
+    ack_secret: str = Field("", repr=False)
+    charts: bool = True
+    chart_days: int = Field(180, ge=7)
+
+
 class Ingest(BaseModel):
     model_config = _STRICT
     chunk_size: int = Field(50000, ge=1)
@@ -83,14 +104,62 @@ class Clinical(BaseModel):
     ggt_uln: float = Field(55.0, gt=0)
 
 
+def _hhmm(value: str) -> str:
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value.strip()):
+        raise ValueError(f"expected a local time like 01:00, got {value!r}")
+    return value.strip()
+
+
+class Feed(BaseModel):
+    """One nightly feed (`[feeds.<name>]`, the name the ledger records: labs, events, ...)."""
+
+    model_config = _STRICT
+    # Night D is due by this local time on day D+1; keep it before the ingest run (01:30) so
+    # the run itself can tell a missing feed from one not yet due.
+    deadline: str = "01:00"
+    expected: bool = True          # false: a night without it is not "missing"
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str) -> str:
+        return _hhmm(value)
+
+
+class Quality(BaseModel):
+    """Data-quality monitoring and its dashboard (bonewatch.dashboard)."""
+
+    model_config = _STRICT
+    # When a delivery "arrived": the file's modification time in the inbox (when the sender
+    # finished writing it), or when bonewatch ingested it.
+    arrival: Literal["file_mtime", "ingested"] = "file_mtime"
+    bad_row_rate_max: float = Field(0.05, ge=0, le=1)
+    bad_row_rate_red: float = Field(0.25, ge=0, le=1)
+    history_nights: int = Field(30, ge=1)
+    window_nights: int = Field(30, ge=1, le=366)
+    page_max_age_hours: float = Field(48, gt=0)
+    default_deadline: str = "01:00"
+    dashboard_hint: str = ""       # where the data team finds the dashboard (URL or path), for emails
+    dashboard_dir: str = ""        # where `bonewatch dashboard` writes and `bonewatch serve` serves it
+
+    @field_validator("default_deadline")
+    @classmethod
+    def _deadline(cls, value: str) -> str:
+        return _hhmm(value)
+
+
 class RuleSettings(BaseModel):
-    """A rule's metadata and thresholds; any extra key is a threshold (a number)."""
+    """A rule's metadata and thresholds; any extra key is a threshold of that rule."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     version: str
     severity: Literal["high", "medium", "info"]
+    when: str
     action: str
     citation: str
+
+    def describe(self, clinical: dict[str, Any] | None = None) -> str:
+        """`when` with its {placeholders} filled from the thresholds (and the clinical section)."""
+        return self.when.format(**(clinical or {}), **self.params)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -103,8 +172,11 @@ class Settings(BaseModel):
     database: Database = Database()
     smtp: Smtp = Smtp()
     recipients: Recipients
+    notify: Notify = Notify()
     ingest: Ingest = Ingest()
     clinical: Clinical = Clinical()
+    feeds: dict[str, Feed] = {}
+    quality: Quality = Quality()
     rules: dict[str, RuleSettings]
 
     # ---- derived paths -------------------------------------------------------------------
@@ -127,16 +199,30 @@ class Settings(BaseModel):
     def rule(self, rule_id: str) -> RuleSettings:
         return self.rules[rule_id]
 
+    def describe_rule(self, rule_id: str) -> str:
+        return self.rules[rule_id].describe(self.clinical.model_dump())
+
     def rule_version(self, rule_id: str) -> str:
         """The declared version, plus a short digest of the thresholds when they differ from the
         shipped defaults: changing a threshold always changes the version alerts record."""
-        rule = self.rules[rule_id]
-        shipped = _default_document().get("rules", {}).get(rule_id, {})
-        shipped_params = {k: v for k, v in shipped.items() if k not in RuleSettings.model_fields}
-        if rule.params == shipped_params and rule.version == shipped.get("version"):
-            return rule.version
-        digest = hashlib.sha256(json.dumps(rule.params, sort_keys=True).encode()).hexdigest()[:6]
-        return f"{rule.version}+{digest}"
+        # The clinical section (upper limits of normal, windows) feeds every rule, so it counts too.
+        return _rule_version(rule_id, json.dumps(self.rules[rule_id].model_dump(), sort_keys=True),
+                             json.dumps(self.clinical.model_dump(), sort_keys=True))
+
+
+@lru_cache(maxsize=256)
+def _rule_version(rule_id: str, rule_json: str, clinical_json: str) -> str:
+    """Cached: evaluation asks for it once a finding."""
+    rule = RuleSettings.model_validate(json.loads(rule_json))
+    document = _parsed_defaults()
+    shipped = document.get("rules", {}).get(rule_id, {})
+    shipped_params = {k: v for k, v in shipped.items() if k not in RuleSettings.model_fields}
+    clinical = json.loads(clinical_json)
+    if (rule.params == shipped_params and rule.version == shipped.get("version")
+            and clinical == Clinical.model_validate(document.get("clinical", {})).model_dump()):
+        return rule.version
+    payload = json.dumps({"rule": rule.params, "clinical": clinical}, sort_keys=True)
+    return f"{rule.version}+{hashlib.sha256(payload.encode()).hexdigest()[:6]}"
 
 
 _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -149,11 +235,23 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEWATCH_SMTP_USER": ("smtp", "user"),
     "BONEWATCH_SMTP_PASSWORD": ("smtp", "password"),
     "BONEWATCH_SMTP_STARTTLS": ("smtp", "starttls"),
+    "BONEWATCH_ACK_SECRET": ("notify", "ack_secret"),
 }
 
 
+@lru_cache(maxsize=1)
+def _default_text() -> str:
+    return files("bonewatch").joinpath("default.toml").read_text("utf-8")
+
+
 def _default_document() -> dict[str, Any]:
-    return tomllib.loads(files("bonewatch").joinpath("default.toml").read_text("utf-8"))
+    """A fresh copy of the shipped defaults (callers may modify it)."""
+    return copy.deepcopy(_parsed_defaults())
+
+
+@lru_cache(maxsize=1)
+def _parsed_defaults() -> dict[str, Any]:
+    return tomllib.loads(_default_text())
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -187,11 +285,20 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
                 value = value.lower() in {"true", "1", "yes"}
             document.setdefault(section, {})[key] = value
     try:
-        return Settings.model_validate(document)
+        settings = Settings.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"configuration key {key}: {first['msg']}") from None
+    missing = sorted(set(_default_document()["rules"]) - set(settings.rules))
+    if missing:
+        raise ConfigError(f"configuration key rules: missing rule(s) {', '.join(missing)}")
+    for rule_id, rule in settings.rules.items():
+        try:
+            rule.describe(settings.clinical.model_dump())
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"configuration key rules.{rule_id}.when: unknown placeholder {exc}") from None
+    return settings
 
 
 def with_overrides(settings: Settings, **dotted: Any) -> Settings:

@@ -52,8 +52,10 @@ class EvaluateSummary:
 class NotifySummary:
     queued: int = 0                 # digests put in the outbox this run
     sent: int = 0                   # messages the SMTP server accepted
-    failed: int = 0                 # messages left pending (error recorded)
+    failed: int = 0                 # messages left pending: failed now, or waiting out the back-off
+    deferred: int = 0               # of those, the ones inside their back-off (not tried this run)
     alerts_notified: int = 0
+    cancelled: int = 0              # digests whose alerts were all acknowledged/resolved before sending
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -117,8 +119,23 @@ def engine_for(settings: Settings, *, migrate: bool = False) -> Engine:
     return engine
 
 
+class _Abort(Exception):
+    """The reading side failed: roll the file's transaction back."""
+
+
 def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, delivery_id: str,
                  partition: str | None) -> tuple[int, int, dict]:
+    """Stream one file into the store in one transaction: read a chunk (`[ingest] chunk_size`
+    rows), parse it, validate it with GX, quarantine what cannot be used, bulk-upsert the rest.
+    Returns (accepted, quarantined, units as sent per analyte).
+
+    Two threads: this one reads, parses and validates chunk n + 1 while a writer thread stores
+    chunk n (the database's work runs without the GIL: in the PostgreSQL server, or inside
+    SQLite's C code). At most one parsed chunk waits between them, so memory stays at about three
+    chunks whatever the file's size. Any failure on either side rolls the whole file back."""
+    import queue
+    import threading
+
     import pandas as pd
 
     from bonewatch.ingest import feeds, reader
@@ -128,45 +145,99 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
     received_at = _now()
     columns, parse = ((feeds.LAB_COLUMNS, feeds.parse_labs) if feed == "labs"
                       else (feeds.EVENT_COLUMNS, feeds.parse_events))
+    plausible = settings.ingest.plausible
     accepted = quarantined = passed = failed = total = 0
     units: dict[str, dict[str, int]] = {}
-    with engine.begin() as conn:
+    work: queue.Queue = queue.Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def store() -> None:
+        marks = writes.PatientMarks()   # patients touched, written once at the end of the file
+        try:
+            with engine.begin() as conn:
+                writes.prepare_bulk(conn)
+                while True:
+                    item = work.get()
+                    if item is None:
+                        raise _Abort
+                    if isinstance(item, dict):        # the ledger row: the file is complete
+                        marks.flush(conn)
+                        writes.record_delivery(conn, item)
+                        return
+                    rows, rejected = item
+                    if feed == "labs":
+                        writes.upsert_results(conn, rows, marks)
+                    else:
+                        writes.insert_events(conn, rows, marks)
+                    writes.insert_quarantine(conn, rejected)
+        except _Abort:
+            pass
+        except BaseException as exc:  # handed to the reading side, re-raised there
+            failures.append(exc)
+            while True:                # unblock the reader until it notices
+                try:
+                    work.get(timeout=0.1)
+                except queue.Empty:
+                    if not writer.is_alive() or work.empty():
+                        break
+
+    def hand_over(item) -> None:
+        while True:
+            if failures:
+                raise failures[0]
+            try:
+                work.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    writer = threading.Thread(target=store, name=f"store-{path.name}", daemon=True)
+    writer.start()
+    try:
         for chunk in reader.read_chunks(path, columns, settings.ingest.chunk_size):
             total += len(chunk.frame) + len(chunk.bad_rows)
             parsed = parse(chunk.frame, settings, delivery_id, received_at)
             rows, rejected = parsed.rows, parsed.rejected
-            validation = suites.validate(feed, rows, settings.ingest.plausible)
+            validation = suites.validate(feed, rows, plausible)
             passed += validation.passed
             failed += validation.failed
+            reasons = feeds.implausible(feed, rows, plausible)
             if validation.bad_rows:
-                flagged = rows.index.isin(list(validation.bad_rows))
-                raw = feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns)
+                extra = pd.Series(validation.bad_rows, dtype=object).reindex(rows.index).fillna("")
+                reasons = reasons.where(reasons != "", extra)
+            flagged = (reasons != "").to_numpy()
+            if flagged.any():
                 rejected = pd.concat([rejected, pd.DataFrame({
                     "line": rows.index[flagged].astype("int64"),
-                    "reason": [validation.bad_rows[i] for i in rows.index[flagged]],
-                    "raw": raw.to_numpy()})])
+                    "reason": reasons[flagged].to_numpy(),
+                    "raw": feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns).to_numpy()})])
                 rows = rows[~flagged]
             if chunk.bad_rows:
                 rejected = pd.concat([rejected, pd.DataFrame(chunk.bad_rows, columns=["line", "raw", "reason"])])
             if feed == "labs":
-                writes.upsert_results(conn, rows)
                 for (analyte, unit), n in rows.groupby(["analyte", "orig_unit"]).size().items():
                     units.setdefault(analyte, {})[unit] = units.get(analyte, {}).get(unit, 0) + int(n)
-            else:
-                writes.insert_events(conn, rows)
-            if not rejected.empty:
-                writes.insert_quarantine(conn, pd.DataFrame({
-                    "delivery_id": delivery_id, "source_line": rejected["line"].astype("int64").to_numpy(),
-                    "feed": feed, "file_name": path.name, "reason": rejected["reason"].to_numpy(),
-                    "raw": rejected["raw"].to_numpy()}))
+            quarantine_rows = pd.DataFrame({
+                "delivery_id": delivery_id, "source_line": rejected["line"].astype("int64").to_numpy(),
+                "feed": feed, "file_name": path.name, "reason": rejected["reason"].to_numpy(),
+                "raw": rejected["raw"].to_numpy()})
+            hand_over((rows, quarantine_rows))
             accepted += len(rows)
             quarantined += len(rejected)
-        writes.record_delivery(conn, {
+        hand_over({
             "delivery_id": delivery_id, "feed": feed, "file_name": path.name, "fmt": "csv",
             "partition": partition, "received_at": received_at, "rows_total": total,
             "rows_accepted": accepted, "rows_quarantined": quarantined,
             "expectations_passed": passed, "expectations_failed": failed,
             "units": json.dumps(units, sort_keys=True), "status": "loaded", "error": None})
+    except BaseException:
+        if writer.is_alive() and not failures:
+            work.put(None)             # roll back
+        writer.join()
+        raise
+    writer.join()
+    if failures:
+        raise failures[0]
     return accepted, quarantined, units
 
 
@@ -251,50 +322,91 @@ class _progress:
 # evaluate, notify, nightly
 
 
-def evaluate(settings: Settings, as_of: date) -> EvaluateSummary:
-    """Run every rule as of that night and upsert the alerts (idempotent)."""
-    from bonewatch import rules
-    from bonewatch.store import alerts, reads
+EVALUATE_BATCH_PATIENTS = 2_500   # patients read and evaluated together (bounds memory)
+
+
+def evaluate(settings: Settings, as_of: date, *, full: bool = False,
+             batch_patients: int = EVALUATE_BATCH_PATIENTS) -> EvaluateSummary:
+    """Run every rule as of that night and upsert the alerts (idempotent).
+
+    Incremental: only the patients whose findings can have changed since their last evaluation
+    are re-evaluated (data loaded since, a due date reached, another rule set, or a night before
+    their last one; `bonewatch.incremental`), in batches of `batch_patients`, each with its whole
+    history. `full` evaluates every patient. Both give the same alerts. `patients` in the summary
+    counts the patients evaluated; `findings` and `by_rule` are theirs.
+    """
+    import pandas as pd
+
+    from bonewatch import incremental, rules
+    from bonewatch.store import alerts, courses, reads, writes
 
     engine = engine_for(settings)
+    digest = incremental.rules_digest(settings)
     with engine.connect() as conn:
-        labs, events = reads.load_history(conn, as_of)
-    findings = rules.evaluate(labs, events, as_of, settings)
-    with engine.begin() as conn:
-        new, resolved = alerts.sync_findings(conn, findings, as_of)
+        todo = reads.patients_to_evaluate(conn, as_of, digest, full=full)
+    cut = pd.Timestamp(as_of)
     by_rule: dict[str, int] = {}
-    for f in findings:
-        by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-    patients = len(set(labs["patient_id"]) | set(events["patient_id"]))
+    found = new = resolved = 0
+    # One transaction a batch: its alerts, its course states and its index rows land together, so
+    # an interrupted evaluation leaves the rest of the patients marked and a rerun completes it.
+    for start in range(0, len(todo), batch_patients):
+        batch = todo.iloc[start:start + batch_patients].copy()
+        ids = batch["patient_id"].tolist()
+        with engine.begin() as conn:
+            labs, events = reads.load_patients(conn, ids)
+            # the rules see what was collected by the night; the calendar also sees what comes later
+            findings, course_states = rules.evaluate_with_state(
+                labs[labs["collected_date"] <= cut].reset_index(drop=True),
+                events[events["occurred_date"] <= cut].reset_index(drop=True), as_of, settings)
+            batch["next_due_on"] = batch["patient_id"].map(incremental.next_due(labs, events, as_of, settings))
+            del labs, events
+            added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
+            courses.save_course_states(conn, course_states, as_of, patients=set(ids))
+            writes.record_evaluation(conn, batch, as_of, digest)
+        found, new, resolved = found + len(findings), new + added, resolved + cleared
+        for f in findings:
+            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+    with engine.begin() as conn:
+        alerts.see_unchanged(conn, as_of)
     log.info("evaluated %s: %d patients, %d findings, %d new alerts, %d resolved",
-             as_of, patients, len(findings), new, resolved)
-    return EvaluateSummary(as_of.isoformat(), patients, len(findings), new, resolved, dict(sorted(by_rule.items())))
+             as_of, len(todo), found, new, resolved)
+    return EvaluateSummary(as_of.isoformat(), len(todo), found, new, resolved, dict(sorted(by_rule.items())))
 
 
-def notify(settings: Settings, night: date) -> NotifySummary:
-    """Queue tonight's digests in the outbox and send whatever the outbox holds."""
+def notify(settings: Settings, night: date, *, retry_now: bool = False) -> NotifySummary:
+    """Queue tonight's digests (new alerts and due reminders) in the outbox and send whatever the
+    outbox holds. `retry_now` ignores the back-off of messages that failed recently."""
     from bonewatch.notify import outbox
 
     engine = engine_for(settings)
     queued = outbox.queue_digests(engine, settings, night)
-    result = outbox.flush(engine, settings)
-    summary = NotifySummary(queued=queued, sent=result.sent, failed=result.failed,
-                            alerts_notified=result.alerts_notified, errors=list(result.errors))
+    result = outbox.flush(engine, settings, retry_now=retry_now)
+    # A deferred message is undelivered too: counting it as failed keeps the exit code (and the
+    # Airflow retry) honest.
+    summary = NotifySummary(queued=queued, sent=result.sent, failed=result.failed + result.deferred,
+                            deferred=result.deferred, alerts_notified=result.alerts_notified,
+                            cancelled=result.cancelled, errors=list(result.errors))
     log.info("notify %s: %d queued, %d sent, %d failed", night, queued, summary.sent, summary.failed)
     return summary
 
 
-def nightly(settings: Settings, as_of: date) -> dict:
-    """The whole night as the DAGs run it: ingest the night's partition, evaluate, notify."""
+def nightly(settings: Settings, as_of: date, *, now: datetime | None = None) -> dict:
+    """The whole night as the DAGs run it: ingest the night's partition, evaluate, check the
+    feeds' data quality, notify. `now` is the run's clock (default: the wall clock); it decides
+    whether a feed not there yet is "missing" or "not yet due"."""
+    from bonewatch.quality import suites
     from bonewatch.store import tables
 
     engine = engine_for(settings)
     started = _now()
-    ingested = ingest(settings, partition_paths(settings, as_of), partition=as_of.isoformat())
+    paths = partition_paths(settings, as_of)
+    with suites.keep_results() as validations:      # the GX results, for the Data Docs
+        ingested = ingest(settings, paths, partition=as_of.isoformat())
     evaluated = evaluate(settings, as_of)
+    checked = quality_check(settings, as_of, now=now or started, paths=paths, validations=validations)
     notified = notify(settings, as_of)
     result = {"night": as_of.isoformat(), "ingest": ingested.as_dict(), "evaluate": evaluated.as_dict(),
-              "notify": notified.as_dict()}
+              "quality": checked.as_dict(), "notify": notified.as_dict()}
     status = "ok" if not (ingested.failed_files or notified.failed) else "failures"
     from bonewatch.store.writes import _insert
 
@@ -307,3 +419,18 @@ def nightly(settings: Settings, as_of: date) -> dict:
                              "started_at": started, "finished_at": _now(), "status": status,
                              "summary": json.dumps(result, sort_keys=True)}])
     return result
+
+
+def quality_check(settings: Settings, night: date, *, now: datetime | None = None,
+                  paths: Iterable[str | Path] = (), validations: Iterable[dict] = ()):
+    """Record the night's data-quality metrics per feed (arrival against the deadline, rows,
+    quarantine reasons, expectations, units, key-analyte distributions, alerts per rule,
+    acknowledgement latency) and email the data team, never the nurses, about new problems.
+
+    `paths` are the night's inbox files or folders (their modification times are the arrival
+    times); `validations` the GX results kept while ingesting them. Returns a QualitySummary.
+    """
+    from bonewatch.dashboard import record
+
+    return record.record_night(engine_for(settings), settings, night, now=now or _now(),
+                               files=expand_paths(paths), validations=validations)
