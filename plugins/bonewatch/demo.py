@@ -79,7 +79,7 @@ def run(settings: Settings, folder: Path, *, patients: int = 60, nights: int = 3
         f"  alerts: {len(rows)} ({', '.join(f'{k} {v}' for k, v in sorted(by_rule.items()))})",
         f"  planted findings recovered: {len(expected & found)} of {len(expected)}; "
         f"unexpected alerts: {len(found - expected)}",
-        f"  emails caught: {emails} (one digest per recipient per night with new alerts; "
+        f"  emails caught: {emails} (nurses: one digest per night with new alerts, plus reminders of unacknowledged urgent ones; "
         f"{data_team} data-quality email(s) to the data team)",
         "",
         f"  data-quality dashboard (opens offline):   {dashboard_index}",

@@ -67,10 +67,10 @@ def _validation_definition(kind: str, plausible_key: tuple):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
     for name in list(logging.root.manager.loggerDict):  # GX sets its own levels on import
         if name.startswith("great_expectations"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
         context.data_sources.add_pandas(f"{kind}_source")
