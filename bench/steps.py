@@ -14,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 
@@ -101,7 +101,7 @@ rerun = night    # the same night again: every file is in the ledger, no patient
 def evaluate_full(args: dict) -> dict:
     """A full evaluation of every patient (the scaling measurement: 1 k, 10 k, 100 k patients)."""
     settings = _settings(args)
-    seconds, evaluated = _evaluate(settings, date.fromisoformat(args["as_of"]) + timedelta(days=0), full=True)
+    seconds, evaluated = _evaluate(settings, date.fromisoformat(args["as_of"]), full=True)
     return {"seconds": seconds, "patients": evaluated["patients"], "findings": evaluated["findings"]}
 
 
