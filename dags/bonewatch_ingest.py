@@ -7,15 +7,21 @@ does no file or database I/O, so the zone cannot come from `bonewatch.toml`. Set
 zone as `[site] timezone`.
 
 **What.** The run at 01:30 on day *D* processes night *D − 1*: the files in `<inbox>/<D-1>/` plus
-any loose files in the inbox (`bonewatch.pipeline.partition_paths`). Files already in the delivery
-ledger are skipped, so a retry, a clear or a rerun changes nothing. A manual run can name another
-night with the conf `{"partition": "YYYY-MM-DD"}`.
+any loose files in the inbox (`bonewatch.pipeline.partition_paths`), and the new rows of the SQL
+sources. One task a feed, side by side: `ingest_labs` (lab CSV), `ingest_events` (events CSV),
+`ingest_hl7` (HL7 v2 ORU^R01), `ingest_fhir` (FHIR R4 Bundle / bulk NDJSON) and `ingest_sql` (each
+`[sources.*]` table above its high-water mark). Files already in the delivery ledger are skipped,
+so a retry, a clear or a rerun changes nothing; a SQL pull reads only rows above its mark. A manual
+run can name another night with the conf `{"partition": "YYYY-MM-DD"}`.
 
-**Hand-off.** `ingest_partition` updates the asset `bonewatch://raw/labs` with the extra
-`{"partition": "<night>"}`; `bonewatch_monitor` is scheduled on that asset and evaluates the night.
-A file that cannot be read does not block the night: the asset is still updated from what could be
-read, then `check_deliveries` fails the run with the file and the first bad line, and the data team
-gets the email.
+**Hand-off.** Each `ingest_<feed>` task updates its asset `bonewatch://raw/<feed>` with the extra
+`{"partition": "<night>"}` (a feed with nothing that night updates it too: "nothing came" is the
+data-quality check's business, not a reason to hold the nurses' alerts); `bonewatch_monitor` is
+scheduled on all five and evaluates the night once every feed is in. A file that cannot be read
+does not block the night: the asset is still updated from what could be read, then
+`check_deliveries` fails the run with the file and the first bad line, and the data team gets the
+email. An unreachable SQL source retries with back-off and, on its last try, is reported the same
+way.
 
 **Failures and lateness** email the data team (`[recipients] data_team`), never the nurses: a
 task's final failure (after its retries), and a run still unfinished after 4 hours (05:30, before
@@ -34,7 +40,8 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import DAG, CronTriggerTimetable, task
 
 from bonewatch.orchestration import (
-    RAW_ASSET,
+    FEED_ASSETS,
+    FEEDS,
     email_data_team_on_failure,
     email_data_team_on_run_failure,
     schedule_timezone,
@@ -73,36 +80,30 @@ with DAG(
     tags=["bonewatch", "ingest"],
 ) as dag:
 
-    @task(outlets=[RAW_ASSET], **IO_RETRIES)
-    def ingest_partition(**context) -> dict:
-        """Load one night's files into the store and update RAW_ASSET with {"partition": night}.
+    @task(**IO_RETRIES)
+    def ingest(feed: str, **context) -> dict:
+        """Load one feed's deliveries of the night and update that feed's asset with
+        {"partition": night} (`bonewatch.orchestration.ingest_feed`).
 
-        In: the run's logical date (or conf `partition`). Out: the IngestSummary as a dict.
+        In: the feed, the run's logical date (or conf `partition`). Out: the IngestSummary as a dict.
         """
-        from bonewatch import pipeline
-        from bonewatch.config import load_settings
-        from bonewatch.orchestration import hospital_zone, ingest_night
+        from bonewatch.orchestration import ingest_feed
 
-        settings = load_settings()
-        dag_run = context["dag_run"]
-        night = ingest_night(dag_run.conf, context.get("logical_date"), dag_run.run_after,
-                             hospital_zone(settings))
-        summary = pipeline.ingest(settings, pipeline.partition_paths(settings, night),
-                                  partition=night.isoformat())
-        context["outlet_events"][RAW_ASSET].extra = {"partition": night.isoformat()}
-        return {"partition": night.isoformat(), **summary.as_dict()}
+        return ingest_feed(feed, context)
 
     @task(retries=0)
-    def check_deliveries(summary: dict) -> None:
+    def check_deliveries(summaries: list[dict]) -> None:
         """Fail the run, naming the files, when a delivery could not be read at all."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from bonewatch.orchestration import failed_deliveries
 
-        if problem := failed_deliveries(summary):
+        if problem := failed_deliveries(summaries):
             raise AirflowFailException(problem)
 
-    check_deliveries(ingest_partition())
+    check_deliveries([
+        ingest.override(task_id=f"ingest_{feed}", outlets=[FEED_ASSETS[feed]])(feed) for feed in FEEDS
+    ])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """
 ### bonewatch_monitor: run the clinical rules for a night and email the nurses' digests
 
-**When.** Whenever `bonewatch_ingest` updates the asset `bonewatch://raw/labs`, i.e. once a night
-after the deliveries are loaded. Asset-triggered runs have no logical date: the night comes from
+**When.** Once `bonewatch_ingest` has updated every feed's asset (`bonewatch://raw/labs`, `/events`,
+`/hl7`, `/fhir`, `/sql`), i.e. once a night after all the deliveries are loaded. Asset-triggered runs have no logical date: the night comes from
 the triggering asset event's extra `{"partition": "YYYY-MM-DD"}`. If a backfill of the ingest DAG
 queues several events before this DAG runs, every night is evaluated, oldest first.
 
@@ -36,7 +36,7 @@ from datetime import timedelta
 from airflow.sdk import DAG, task
 
 from bonewatch.orchestration import (
-    RAW_ASSET,
+    FEED_ASSETS,
     email_data_team_on_failure,
     email_data_team_on_run_failure,
 )
@@ -45,7 +45,7 @@ with DAG(
     dag_id="bonewatch_monitor",
     description="Evaluate the bonewatch rules for a night and send the alert digests",
     doc_md=__doc__,
-    schedule=[RAW_ASSET],
+    schedule=list(FEED_ASSETS.values()),    # all of them: one run a night, after every feed
     # On purpose: an asset schedule does not catch up; past nights go through a backfill of
     # bonewatch_ingest or a manual run with conf {"partition": ...}, and give the same alerts.
     catchup=False,
@@ -71,7 +71,8 @@ with DAG(
         from bonewatch.orchestration import hospital_zone, monitor_nights
 
         dag_run = context["dag_run"]
-        events = context["triggering_asset_events"].get(RAW_ASSET, [])
+        triggering = context["triggering_asset_events"]
+        events = [event for asset in FEED_ASSETS.values() for event in triggering.get(asset, [])]
         nights = monitor_nights(events, dag_run.conf, dag_run.run_after,
                                 hospital_zone(load_settings()))
         return [night.isoformat() for night in nights]

@@ -96,23 +96,52 @@ def db_upgrade(ctx: click.Context) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--partition", help="Night the files belong to (YYYY-MM-DD), for the ledger.")
+@click.option("--feed", type=click.Choice(["labs", "events", "hl7", "fhir"]),
+              help="Load only the files of this feed (the Airflow ingest tasks run one feed each).")
 @click.pass_context
-def ingest(ctx: click.Context, paths: tuple[str, ...], partition: str | None) -> None:
-    """Load lab-result and clinical-event files or folders.
+def ingest(ctx: click.Context, paths: tuple[str, ...], partition: str | None, feed: str | None) -> None:
+    """Load lab and clinical files or folders, whatever their format.
 
-    Bad rows go to quarantine with a reason and the good rows of the same file are kept; a file
-    that cannot be read is reported with its name and line, and the exit code is 1. A file
-    already ingested (same bytes) is skipped.
+    \b
+    Formats, from the file name and, where that is not enough, the content:
+      *.csv          lab results (SPEC 2.1)       *.events.csv   clinical events (SPEC 2.4)
+      *.hl7          HL7 v2 ORU^R01, 2.3-2.5.1    *.json         FHIR R4 Bundle
+      *.ndjson       FHIR R4 bulk export (one resource a line; Patient files load first)
+
+    Bad rows go to quarantine with a reason naming the file and line (or Bundle entry) and the
+    good rows of the same file are kept; a file that cannot be read is reported with its name and
+    line, and the exit code is 1. A file already ingested (same bytes) is skipped.
     """
     from bonewatch import pipeline
 
-    summary = pipeline.ingest(_settings(ctx), paths, partition=partition, progress=sys.stderr.isatty())
-    click.echo(f"{summary.files} file(s): {summary.accepted} rows accepted, {summary.quarantined} quarantined"
+    summary = pipeline.ingest(_settings(ctx), paths, partition=partition, progress=sys.stderr.isatty(), feed=feed)
+    _report_ingest(ctx, summary, "file(s)")
+
+
+def _report_ingest(ctx: click.Context, summary, noun: str) -> None:
+    click.echo(f"{summary.files} {noun}: {summary.accepted} rows accepted, {summary.quarantined} quarantined"
                + (f", {summary.skipped_files} already ingested" if summary.skipped_files else "")
                + (f", {summary.failed_files} unreadable" if summary.failed_files else ""))
     for error in summary.errors:
         click.echo(f"error: {error}", err=True)
     ctx.exit(1 if summary.failed_files else 0)
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--partition", help="Night the pull belongs to (YYYY-MM-DD), for the ledger.")
+@click.pass_context
+def pull(ctx: click.Context, sources: tuple[str, ...], partition: str | None) -> None:
+    """Pull new lab rows from the SQL sources of the configuration ([sources.NAME]).
+
+    Each source is read above its high-water mark (the largest watermark already loaded), so a
+    second pull reads only rows added or corrected since. With no SOURCES, every configured one.
+    A source that cannot be reached is reported in one line and the exit code is 1.
+    """
+    from bonewatch import pipeline
+
+    summary = pipeline.pull(_settings(ctx), sources or None, partition=partition)
+    _report_ingest(ctx, summary, "source(s)")
 
 
 @cli.command()
@@ -234,12 +263,16 @@ def nightly(ctx: click.Context, as_of: date) -> None:
 @click.option("--last-night", type=DATE, default="2025-06-30", show_default=True)
 @click.option("--nights", type=click.IntRange(14), default=30, show_default=True,
               help="Nights in the window (at least 14, so every planted finding fits).")
-def synth(patients: int, seed: int, out: str, last_night: date, nights: int) -> None:
+@click.option("--format", "fmt", type=click.Choice(["csv", "hl7", "fhir", "ndjson"]), default="csv",
+              show_default=True,
+              help="Feed format: lab/events CSV, HL7 v2 ORU (+ events CSV), FHIR R4 Bundles, or FHIR bulk NDJSON.")
+def synth(patients: int, seed: int, out: str, last_night: date, nights: int, fmt: str) -> None:
     """Write a synthetic cohort (history + one inbox folder a night) and expected_alerts.jsonl,
-    the ground truth the generator planted."""
+    the ground truth the generator planted. The same seed gives the same cohort in every format."""
     from bonewatch import synth as generator
 
-    manifest = generator.generate(Path(out), patients=patients, seed=seed, last_night=last_night, nights=nights)
+    manifest = generator.generate(Path(out), patients=patients, seed=seed, last_night=last_night, nights=nights,
+                                  fmt=fmt)
     click.echo(f"wrote {manifest['patients']} patients, nights {manifest['first_night']}..{manifest['last_night']}, "
                f"to {out}")
 

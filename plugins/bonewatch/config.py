@@ -90,7 +90,68 @@ class Ingest(BaseModel):
     model_config = _STRICT
     chunk_size: int = Field(50000, ge=1)
     code_map: dict[str, str] = {}
+    snomed_map: dict[str, str] = {}
+    unit_aliases: dict[str, str] = {}
     plausible: dict[str, tuple[float, float]] = {}
+
+    @field_validator("snomed_map")
+    @classmethod
+    def _known_event(cls, value: dict[str, str]) -> dict[str, str]:
+        for code, event in value.items():
+            if event != "dental_exam":
+                raise ValueError(f"SNOMED CT code {code!r} maps to {event!r}; only dental_exam is supported")
+        return value
+
+    @field_validator("unit_aliases")
+    @classmethod
+    def _known_unit(cls, value: dict[str, str]) -> dict[str, str]:
+        from bonewatch.units import normalise_unit, unit_key_table
+
+        known = {unit for _, unit in unit_key_table()}
+        for local, standard in value.items():
+            if normalise_unit(standard) not in known:
+                raise ValueError(f"unit alias {local!r} points to {standard!r}, which is not a known unit")
+        return value
+
+
+class SqlSource(BaseModel):
+    """A lab table or view in another database, pulled each night above a high-water mark."""
+
+    model_config = _STRICT
+    # SQLAlchemy URL of the source database; put the password in the environment variable named
+    # by `url_env` (it wins over `url`), never in this file.
+    url: str = ""
+    url_env: str = ""
+    table: str                          # table or view, optionally schema-qualified
+    watermark: str                      # a column that only grows: an insert/update sequence or timestamp
+    columns: dict[str, str] = {}        # canonical lab column -> source column (default: same name)
+    batch_rows: int = Field(50000, ge=1)
+    deadline: str = "01:00"
+    expected: bool = True
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str) -> str:
+        return _hhmm(value)
+
+    @field_validator("table", "watermark")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _sql_name(value)
+
+    @field_validator("columns")
+    @classmethod
+    def _lab_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        canonical = ("patient_id", "result_id", "loinc", "value", "unit", "collected_at", "status")
+        for key, column in value.items():
+            if key not in canonical:
+                raise ValueError(f"{key!r} is not a lab column (expected one of {', '.join(canonical)})")
+            _sql_name(column)
+        return value
+
+    def resolved_url(self) -> str:
+        url = os.environ.get(self.url_env, "") if self.url_env else ""
+        return url or self.url
 
 
 class Clinical(BaseModel):
@@ -102,6 +163,13 @@ class Clinical(BaseModel):
     course_gap_days: int = Field(180, ge=1)
     alp_uln: float = Field(130.0, gt=0)
     ggt_uln: float = Field(55.0, gt=0)
+
+
+def _sql_name(value: str) -> str:
+    """Source tables and columns are configuration, quoted into SQL: plain names only."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", value):
+        raise ValueError(f"expected a plain (optionally schema-qualified) SQL name, got {value!r}")
+    return value
 
 
 def _hhmm(value: str) -> str:
@@ -176,6 +244,7 @@ class Settings(BaseModel):
     ingest: Ingest = Ingest()
     clinical: Clinical = Clinical()
     feeds: dict[str, Feed] = {}
+    sources: dict[str, SqlSource] = {}
     quality: Quality = Quality()
     rules: dict[str, RuleSettings]
 
@@ -195,6 +264,12 @@ class Settings(BaseModel):
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.site.timezone)
+
+    @property
+    def feed_rules(self) -> dict[str, Feed]:
+        """Every nightly feed with its deadline: `[feeds.*]` and the SQL sources (`[sources.*]`)."""
+        return {**{name: Feed(deadline=s.deadline, expected=s.expected) for name, s in self.sources.items()},
+                **self.feeds}
 
     def rule(self, rule_id: str) -> RuleSettings:
         return self.rules[rule_id]

@@ -24,9 +24,15 @@ from airflow.sdk import Asset
 
 log = logging.getLogger(__name__)
 
-#: The raw longitudinal store, updated one night's partition at a time by `bonewatch_ingest`.
-#: Each asset event carries `extra={"partition": "YYYY-MM-DD"}` (the night it loaded).
-RAW_ASSET = Asset(name="bonewatch_raw_labs", uri="bonewatch://raw/labs")
+#: The feeds `bonewatch_ingest` loads, one task each (`ingest_<feed>`): the canonical lab CSV, the
+#: events CSV, HL7 v2 ORU files, FHIR Bundles / NDJSON from the inbox, and the SQL sources.
+FEEDS = ("labs", "events", "hl7", "fhir", "sql")
+
+#: One asset per feed: the raw longitudinal store as that feed updates it, one night's partition
+#: at a time. Each asset event carries `extra={"partition": "YYYY-MM-DD"}` (the night it loaded).
+#: `bonewatch_monitor` runs once every feed's task has finished the night.
+FEED_ASSETS = {feed: Asset(name=f"bonewatch_raw_{feed}", uri=f"bonewatch://raw/{feed}") for feed in FEEDS}
+RAW_ASSET = FEED_ASSETS["labs"]
 
 #: The environment variable that sets the zone of the nightly cron. Read at parse time only from
 #: the environment (no file or DB I/O while parsing); keep it equal to `[site] timezone`.
@@ -123,14 +129,44 @@ def monitor_nights(events: Iterable[Any], conf: Mapping[str, Any] | None,
     return sorted(nights)
 
 
-def failed_deliveries(summary: Mapping[str, Any]) -> str | None:
-    """One line naming the unreadable files of an ingest summary, or None when all were read."""
-    if not summary.get("failed_files"):
+def failed_deliveries(summary: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> str | None:
+    """One line naming the unreadable files (or unreachable sources) of one or several ingest
+    summaries, or None when all were read."""
+    summaries = [summary] if isinstance(summary, Mapping) else list(summary)
+    failed = sum(int(s.get("failed_files") or 0) for s in summaries)
+    if not failed:
         return None
-    errors = summary.get("errors") or []
-    shown = "; ".join(str(e) for e in errors[:5])
+    errors = [str(e) for s in summaries for e in (s.get("errors") or [])]
+    shown = "; ".join(errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return f"{summary['failed_files']} file(s) could not be read: {shown}{more}"
+    return f"{failed} file(s) or source(s) could not be read: {shown}{more}"
+
+
+def ingest_feed(feed: str, context: Mapping[str, Any]) -> dict:
+    """The body of the ingest task of one feed: load the night's files of that feed (or pull the
+    SQL sources), then set the feed's asset event extra to {"partition": night}.
+
+    A file that cannot be read does not fail the task: the night still loads what it could and
+    `check_deliveries` fails the run afterwards. An unreachable SQL source raises on every try but
+    the last (so the task retries with back-off); on the last try the failure is reported the same
+    way, so one source that is down does not keep the nurses from the other feeds' alerts."""
+    from bonewatch import pipeline
+    from bonewatch.config import load_settings
+
+    settings = load_settings()
+    dag_run = context["dag_run"]
+    night = ingest_night(dag_run.conf, context.get("logical_date"), dag_run.run_after, hospital_zone(settings))
+    if feed == "sql":
+        summary = pipeline.pull(settings, partition=night.isoformat())
+        ti = context.get("ti")
+        last_try = ti is None or int(getattr(ti, "try_number", 1) or 1) > int(getattr(ti, "max_tries", 0) or 0)
+        if summary.failed_files and not last_try:
+            raise RuntimeError(failed_deliveries(summary.as_dict()))
+    else:
+        summary = pipeline.ingest(settings, pipeline.partition_paths(settings, night),
+                                  partition=night.isoformat(), feed=feed)
+    context["outlet_events"][FEED_ASSETS[feed]].extra = {PARTITION_KEY: night.isoformat()}
+    return {"feed": feed, "partition": night.isoformat(), **summary.as_dict()}
 
 
 # ---- data-team notifications -------------------------------------------------------------------

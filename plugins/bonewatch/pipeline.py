@@ -34,6 +34,10 @@ class IngestSummary:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def __add__(self, other: IngestSummary) -> IngestSummary:
+        return IngestSummary(*(getattr(self, f) + getattr(other, f) for f in
+                               ("files", "skipped_files", "failed_files", "accepted", "quarantined", "errors")))
+
 
 @dataclass
 class EvaluateSummary:
@@ -66,24 +70,13 @@ class NotifySummary:
 # --------------------------------------------------------------------------------------------
 # ingest
 
-FEEDS = {"labs": "lab results (canonical CSV)", "events": "clinical events (CSV)"}
+FEEDS = {"labs": "lab results (canonical CSV)", "events": "clinical events (CSV)",
+         "hl7": "lab results (HL7 v2 ORU^R01)", "fhir": "labs and clinical facts (FHIR R4 Bundle or NDJSON)"}
 
 
 def _now() -> datetime:
     """Wall-clock time for bookkeeping only (arrival stamps), never for clinical logic."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def detect_feed(path: Path) -> str:
-    """The feed of a delivery, from its name and, for CSV, its header."""
-    name = path.name.lower()
-    if name.endswith(".events.csv"):
-        return "events"
-    if name.endswith(".csv"):
-        with path.open("rb") as handle:
-            header = handle.readline().decode("utf-8", "replace").lower()
-        return "events" if "event_type" in header else "labs"
-    raise SourceUnreadable(path, None, "unsupported format (expected .csv or .events.csv)")
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -123,28 +116,29 @@ class _Abort(Exception):
     """The reading side failed: roll the file's transaction back."""
 
 
-def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, delivery_id: str,
-                 partition: str | None) -> tuple[int, int, dict]:
-    """Stream one file into the store in one transaction: read a chunk (`[ingest] chunk_size`
-    rows), parse it, validate it with GX, quarantine what cannot be used, bulk-upsert the rest.
-    Returns (accepted, quarantined, units as sent per analyte).
+def _load(engine: Engine, settings: Settings, items, ledger: dict,
+          finish=None) -> tuple[int, int, dict]:
+    """Stream one delivery into the store in one transaction: for each `(kind, Chunk)` item of a
+    reader (`bonewatch.ingest.sources`), parse it with the canonical parser of its kind, validate
+    it with GX, quarantine what cannot be used, bulk-upsert the rest. `ledger` is the delivery's
+    ledger row without its counts; `finish(conn)` runs last inside the same transaction (a SQL
+    source's high-water mark). Returns (accepted, quarantined, units as sent per analyte).
 
     Two threads: this one reads, parses and validates chunk n + 1 while a writer thread stores
     chunk n (the database's work runs without the GIL: in the PostgreSQL server, or inside
     SQLite's C code). At most one parsed chunk waits between them, so memory stays at about three
-    chunks whatever the file's size. Any failure on either side rolls the whole file back."""
+    chunks whatever the file's size. Any failure on either side rolls the whole delivery back."""
     import queue
     import threading
 
     import pandas as pd
 
-    from bonewatch.ingest import feeds, reader
+    from bonewatch.ingest import feeds
     from bonewatch.quality import suites
     from bonewatch.store import writes
 
-    received_at = _now()
-    columns, parse = ((feeds.LAB_COLUMNS, feeds.parse_labs) if feed == "labs"
-                      else (feeds.EVENT_COLUMNS, feeds.parse_events))
+    delivery_id, feed, file_name = ledger["delivery_id"], ledger["feed"], ledger["file_name"]
+    received_at = ledger["received_at"]
     plausible = settings.ingest.plausible
     accepted = quarantined = passed = failed = total = 0
     units: dict[str, dict[str, int]] = {}
@@ -152,7 +146,7 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
     failures: list[BaseException] = []
 
     def store() -> None:
-        marks = writes.PatientMarks()   # patients touched, written once at the end of the file
+        marks = writes.PatientMarks()   # patients touched, written once at the end of the delivery
         try:
             with engine.begin() as conn:
                 writes.prepare_bulk(conn)
@@ -160,15 +154,19 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
                     item = work.get()
                     if item is None:
                         raise _Abort
-                    if isinstance(item, dict):        # the ledger row: the file is complete
+                    if isinstance(item, dict):        # the ledger row: the delivery is complete
                         marks.flush(conn)
+                        if finish is not None:
+                            finish(conn)
                         writes.record_delivery(conn, item)
                         return
-                    rows, rejected = item
-                    if feed == "labs":
+                    kind, rows, rejected = item
+                    if kind == "labs":
                         writes.upsert_results(conn, rows, marks)
-                    else:
+                    elif kind == "events":
                         writes.insert_events(conn, rows, marks)
+                    else:
+                        writes.upsert_patient_refs(conn, rows)
                     writes.insert_quarantine(conn, rejected)
         except _Abort:
             pass
@@ -191,45 +189,42 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
             except queue.Full:
                 continue
 
-    writer = threading.Thread(target=store, name=f"store-{path.name}", daemon=True)
+    writer = threading.Thread(target=store, name=f"store-{feed}", daemon=True)
     writer.start()
     try:
-        for chunk in reader.read_chunks(path, columns, settings.ingest.chunk_size):
+        for kind, chunk in items:
             total += len(chunk.frame) + len(chunk.bad_rows)
-            parsed = parse(chunk.frame, settings, delivery_id, received_at)
-            rows, rejected = parsed.rows, parsed.rejected
-            validation = suites.validate(feed, rows, plausible)
-            passed += validation.passed
-            failed += validation.failed
-            reasons = feeds.implausible(feed, rows, plausible)
-            if validation.bad_rows:
-                extra = pd.Series(validation.bad_rows, dtype=object).reindex(rows.index).fillna("")
-                reasons = reasons.where(reasons != "", extra)
-            flagged = (reasons != "").to_numpy()
-            if flagged.any():
-                rejected = pd.concat([rejected, pd.DataFrame({
-                    "line": rows.index[flagged].astype("int64"),
-                    "reason": reasons[flagged].to_numpy(),
-                    "raw": feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns).to_numpy()})])
-                rows = rows[~flagged]
-            if chunk.bad_rows:
-                rejected = pd.concat([rejected, pd.DataFrame(chunk.bad_rows, columns=["line", "raw", "reason"])])
-            if feed == "labs":
+            rows, rejected = _parse_chunk(settings, kind, chunk, delivery_id, received_at)
+            if kind in ("labs", "events") and len(rows):
+                validation = suites.validate(kind, rows, plausible)
+                passed += validation.passed
+                failed += validation.failed
+                reasons = feeds.implausible(kind, rows, plausible)
+                if validation.bad_rows:
+                    extra = pd.Series(validation.bad_rows, dtype=object).reindex(rows.index).fillna("")
+                    reasons = reasons.where(reasons != "", extra)
+                flagged = (reasons != "").to_numpy()
+                if flagged.any():
+                    columns = feeds.LAB_COLUMNS if kind == "labs" else feeds.EVENT_COLUMNS
+                    rejected = pd.concat([rejected, pd.DataFrame({
+                        "line": rows.index[flagged].astype("int64"),
+                        "reason": reasons[flagged].to_numpy(),
+                        "raw": feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns).to_numpy()})])
+                    rows = rows[~flagged]
+            if kind == "labs":
                 for (analyte, unit), n in rows.groupby(["analyte", "orig_unit"]).size().items():
                     units.setdefault(analyte, {})[unit] = units.get(analyte, {}).get(unit, 0) + int(n)
             quarantine_rows = pd.DataFrame({
                 "delivery_id": delivery_id, "source_line": rejected["line"].astype("int64").to_numpy(),
-                "feed": feed, "file_name": path.name, "reason": rejected["reason"].to_numpy(),
+                "feed": feed, "file_name": file_name, "reason": rejected["reason"].to_numpy(),
                 "raw": rejected["raw"].to_numpy()})
-            hand_over((rows, quarantine_rows))
-            accepted += len(rows)
+            hand_over((kind, rows, quarantine_rows))
+            if kind != "patients":
+                accepted += len(rows)
             quarantined += len(rejected)
-        hand_over({
-            "delivery_id": delivery_id, "feed": feed, "file_name": path.name, "fmt": "csv",
-            "partition": partition, "received_at": received_at, "rows_total": total,
-            "rows_accepted": accepted, "rows_quarantined": quarantined,
-            "expectations_passed": passed, "expectations_failed": failed,
-            "units": json.dumps(units, sort_keys=True), "status": "loaded", "error": None})
+        hand_over({**ledger, "rows_total": total, "rows_accepted": accepted, "rows_quarantined": quarantined,
+                   "expectations_passed": passed, "expectations_failed": failed,
+                   "units": json.dumps(units, sort_keys=True), "status": "loaded", "error": None})
     except BaseException:
         if writer.is_alive() and not failures:
             work.put(None)             # roll back
@@ -241,24 +236,90 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, feed: str, deli
     return accepted, quarantined, units
 
 
+def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, received_at: datetime):
+    """A reader's chunk -> (canonical rows, rejected rows with line, reason, raw)."""
+    import pandas as pd
+
+    from bonewatch.ingest import feeds
+
+    if kind == "labs":
+        parsed = feeds.parse_labs(chunk.frame, settings, delivery_id, received_at)
+        rows, rejected = parsed.rows, parsed.rejected
+    elif kind == "events":
+        parsed = feeds.parse_events(chunk.frame, settings, delivery_id, received_at)
+        rows, rejected = parsed.rows, parsed.rejected
+    elif kind == "patients":
+        frame = chunk.frame
+        good = (frame["ref"] != "") & (frame["patient_id"] != "")
+        rows = pd.DataFrame({"ref": frame["ref"][good], "patient_id": frame["patient_id"][good],
+                             "delivery_id": delivery_id})
+        rejected = pd.DataFrame({"line": frame.index[~good].astype("int64"),
+                                 "reason": "Patient without an identifier or id",
+                                 "raw": feeds.raw_text(frame[~good], ["ref", "patient_id"]).to_numpy()})
+    else:
+        raise ValueError(f"unknown chunk kind {kind!r}")
+    if chunk.bad_rows:
+        rejected = pd.concat([rejected, pd.DataFrame(chunk.bad_rows, columns=["line", "raw", "reason"])])
+    return rows, rejected
+
+
+def _ingest_file(engine: Engine, settings: Settings, path: Path, fmt: str, delivery_id: str,
+                 partition: str | None) -> tuple[int, int, dict]:
+    """Read one file with the reader of its format and load it (`_load`)."""
+    from bonewatch.ingest import sources
+    from bonewatch.store import writes
+
+    def patient_refs(refs):
+        with engine.connect() as conn:
+            return writes.lookup_patient_refs(conn, refs)
+
+    received_at = _now()
+    ctx = sources.ReadContext(settings, settings.ingest.chunk_size, received_at, patient_refs)
+    ledger = {"delivery_id": delivery_id, "feed": sources.FEED_OF_FORMAT[fmt], "file_name": path.name,
+              "fmt": sources.FMT_OF_FORMAT[fmt], "partition": partition, "received_at": received_at}
+    return _load(engine, settings, sources.read(path, fmt, ctx), ledger)
+
+
+def _file_order(path: Path) -> tuple:
+    """Folders load in name order, except that FHIR Patient exports go first: the other resources
+    of the same export name their patient by a reference only a Patient resolves."""
+    from bonewatch.ingest import sources
+
+    patients_first = 1
+    if path.name.lower().endswith((".ndjson", ".jsonl")) and sources.first_resource_type(path) == "Patient":
+        patients_first = 0
+    return (str(path.parent), patients_first, path.name)
+
+
 def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | None = None,
-           progress: bool = False) -> IngestSummary:
+           progress: bool = False, feed: str | None = None) -> IngestSummary:
     """Load files or folders into the store; files already in the ledger are skipped.
 
     Each file is one transaction: its good rows, its quarantined rows (with reasons) and its
     ledger entry land together or not at all. A file that cannot be read is recorded as failed
-    with a one-line error naming the file and line; the other files still load.
+    with a one-line error naming the file and line; the other files still load. With `feed`,
+    only the files of that feed (`sources.FEED_OF_FORMAT`) are loaded: one Airflow task a feed.
     """
+    from bonewatch.ingest import sources
     from bonewatch.store import writes
 
-    files = expand_paths(paths)
+    files = sorted(expand_paths(paths), key=_file_order)
     engine = engine_for(settings)
     summary = IngestSummary()
     with _progress(progress, "ingest", len(files)) as advance:
         for path in files:
+            try:
+                fmt, unreadable = sources.detect_format(path), None
+            except SourceUnreadable as exc:
+                fmt, unreadable = None, exc
+            # A file of no known format is reported by the task of the main feed (labs).
+            if feed is not None and (sources.FEED_OF_FORMAT[fmt] if fmt else "labs") != feed:
+                advance()
+                continue
             summary.files += 1
             try:
-                feed = detect_feed(path)
+                if unreadable is not None:
+                    raise unreadable
                 delivery_id = file_digest(path)
                 with engine.connect() as conn:
                     status = writes.delivery_status(conn, delivery_id)
@@ -266,7 +327,7 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                     summary.skipped_files += 1
                     log.info("skipped %s: already ingested", path.name)
                 else:
-                    accepted, quarantined, _ = _ingest_file(engine, settings, path, feed, delivery_id, partition)
+                    accepted, quarantined, _ = _ingest_file(engine, settings, path, fmt, delivery_id, partition)
                     summary.accepted += accepted
                     summary.quarantined += quarantined
                     log.info("ingested %s: %d accepted, %d quarantined", path.name, accepted, quarantined)
@@ -283,6 +344,73 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                         "units": "{}", "status": "failed", "error": str(exc)[:1000]})
             advance()
     return summary
+
+
+def pull(settings: Settings, names: Iterable[str] | None = None, *, partition: str | None = None) -> IngestSummary:
+    """Pull the new rows of the configured SQL sources (`[sources.*]`), each above its high-water
+    mark, in one transaction with the mark. A source that cannot be reached is reported (one line,
+    no password) and the others still load; its rows come on the next pull."""
+    import itertools
+
+    from bonewatch.errors import SourceUnavailable
+    from bonewatch.ingest import sqlsource
+    from bonewatch.store import writes
+    from bonewatch.store.tables import deliveries
+
+    wanted = list(names) if names is not None else sorted(settings.sources)
+    unknown = [name for name in wanted if name not in settings.sources]
+    if unknown:
+        raise BonewatchError(f"no SQL source named {unknown[0]!r} in the configuration ([sources.*])")
+    engine = engine_for(settings)
+    summary = IngestSummary()
+    for name in wanted:
+        source = settings.sources[name]
+        summary.files += 1
+        with engine.connect() as conn:
+            stored = writes.load_watermark(conn, name)
+        after = sqlsource.Mark.load(*stored) if stored else None
+        state: dict = {}
+        received_at = _now()
+        base = {"feed": name, "file_name": f"sql:{source.table}"[:512], "fmt": "sql", "partition": partition,
+                "received_at": received_at}
+        try:
+            items = sqlsource.read_sql(name, source, sqlsource.source_engine(name, source), after, state)
+            first = next(items, None)
+            if first is None:
+                if partition is not None:
+                    with engine.begin() as conn:
+                        seen = conn.execute(_delivery_of_night(deliveries, name, partition)).first()
+                        if seen is None:
+                            writes.record_delivery(conn, {
+                                **base, "delivery_id": sqlsource.delivery_id(name, after, partition),
+                                "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
+                                "expectations_passed": 0, "expectations_failed": 0, "units": "{}",
+                                "status": "loaded", "error": None})
+                log.info("pulled %s: nothing new", name)
+                continue
+
+            def finish(conn, state=state, name=name) -> None:
+                writes.save_watermark(conn, {"source": name, "watermark": state["mark"].text(),
+                                             "kind": state["mark"].kind, "rows_read": state["rows"],
+                                             "updated_at": _now()})
+
+            ledger = {**base, "delivery_id": sqlsource.delivery_id(name, after)}
+            accepted, quarantined, _ = _load(engine, settings, itertools.chain([first], items), ledger, finish)
+            summary.accepted += accepted
+            summary.quarantined += quarantined
+            log.info("pulled %s: %d accepted, %d quarantined", name, accepted, quarantined)
+        except SourceUnavailable as exc:
+            summary.failed_files += 1
+            summary.errors.append(str(exc))
+            log.warning("%s", exc)
+    return summary
+
+
+def _delivery_of_night(deliveries, feed: str, partition: str):
+    from sqlalchemy import select
+
+    return select(deliveries.c.delivery_id).where(deliveries.c.feed == feed,
+                                                  deliveries.c.partition == partition).limit(1)
 
 
 def partition_paths(settings: Settings, night: date) -> list[Path]:
@@ -358,7 +486,9 @@ def evaluate(settings: Settings, as_of: date, *, full: bool = False,
             findings, course_states = rules.evaluate_with_state(
                 labs[labs["collected_date"] <= cut].reset_index(drop=True),
                 events[events["occurred_date"] <= cut].reset_index(drop=True), as_of, settings)
-            batch["next_due_on"] = batch["patient_id"].map(incremental.next_due(labs, events, as_of, settings))
+            due = incremental.next_due(labs, events, as_of, settings)
+            # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
+            batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
             del labs, events
             added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
             courses.save_course_states(conn, course_states, as_of, patients=set(ids))
@@ -402,6 +532,8 @@ def nightly(settings: Settings, as_of: date, *, now: datetime | None = None) -> 
     paths = partition_paths(settings, as_of)
     with suites.keep_results() as validations:      # the GX results, for the Data Docs
         ingested = ingest(settings, paths, partition=as_of.isoformat())
+        if settings.sources:
+            ingested = ingested + pull(settings, partition=as_of.isoformat())
     evaluated = evaluate(settings, as_of)
     checked = quality_check(settings, as_of, now=now or started, paths=paths, validations=validations)
     notified = notify(settings, as_of)

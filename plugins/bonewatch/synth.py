@@ -1071,29 +1071,67 @@ def _write_csv(path: Path, header: tuple, rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
+#: the generator's own file names in a delivery folder, per format (NDJSON: one file a resource type)
+_OWN_FILES = ("labs.csv", "events.csv", "labs.hl7", "bundle.json")
+FORMATS = ("csv", "hl7", "fhir", "ndjson")
+
+
 def _clear(out: Path) -> None:
     """Remove what an earlier run wrote here (only the generator's own file names)."""
-    for name in ("history/labs.csv", "history/events.csv", "expected_alerts.jsonl",
-                 "manifest.json"):
+    for name in ("expected_alerts.jsonl", "manifest.json"):
         (out / name).unlink(missing_ok=True)
+    folders = [out / "history"]
     inbox = out / "inbox"
     if inbox.is_dir():
-        for night in inbox.iterdir():
-            if night.is_dir():
-                for name in ("labs.csv", "events.csv"):
-                    (night / name).unlink(missing_ok=True)
-                if not any(night.iterdir()):
-                    night.rmdir()
+        folders += [night for night in inbox.iterdir() if night.is_dir()]
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in [*(folder / name for name in _OWN_FILES), *folder.glob("*.ndjson")]:
+            path.unlink(missing_ok=True)
+        if folder.parent == inbox and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _write_delivery(folder: Path, labs: list[tuple], events: list[tuple], fmt: str) -> None:
+    """One delivery folder's files in the chosen format: CSV (labs.csv, events.csv), HL7 v2
+    (labs.hl7; clinical events stay CSV, ORU carries results only), a FHIR Bundle (bundle.json,
+    labs and events together) or FHIR bulk NDJSON (one file a resource type)."""
+    if fmt == "csv":
+        if labs is not None:
+            _write_csv(folder / "labs.csv", LAB_HEADER, labs)
+        if events is not None:
+            _write_csv(folder / "events.csv", EVENT_HEADER, events)
+    elif fmt == "hl7":
+        from bonewatch.ingest import hl7
+
+        if labs:
+            folder.mkdir(parents=True, exist_ok=True)
+            hl7.write_hl7(folder / "labs.hl7", labs)
+        if events is not None:
+            _write_csv(folder / "events.csv", EVENT_HEADER, events)
+    elif fmt in ("fhir", "ndjson"):
+        from bonewatch.ingest import fhir
+
+        folder.mkdir(parents=True, exist_ok=True)
+        if fmt == "fhir":
+            fhir.write_bundle(folder / "bundle.json", labs or [], events or [])
+        else:
+            fhir.write_ndjson(folder, labs or [], events or [])
+    else:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
 def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = date(2025, 6, 30),
-             nights: int = 30) -> dict:
+             nights: int = 30, fmt: str = "csv") -> dict:
     """Write a synthetic cohort under `out`; return the manifest.
 
     In: the output folder, the number of patients, the random seed, the last night and how many
-    nights end there (>= 14). Out, under `out`: `history/{labs,events}.csv` (everything before the
-    first night), `inbox/YYYY-MM-DD/{labs,events}.csv` (what was collected or happened that day;
-    only days with rows), `expected_alerts.jsonl` (one {patient_id, rule, raised_on, scenario} a
+    nights end there (>= 14), and the format of the feeds (`FORMATS`: csv, hl7, fhir, ndjson; the
+    same cohort in each). Out, under `out`: `history/` (everything before the first night),
+    `inbox/YYYY-MM-DD/` (what was collected or happened that day; only days with rows), each with
+    `labs.csv` + `events.csv` (csv), `labs.hl7` + `events.csv` (hl7), `bundle.json` (fhir) or one
+    `<ResourceType>.ndjson` a resource type (ndjson); `expected_alerts.jsonl` (one {patient_id, rule, raised_on, scenario} a
     line, sorted) and `manifest.json` (counts, and `patient_scenarios`: patient_id -> scenario).
     The same arguments always give byte-identical files.
     """
@@ -1101,6 +1139,8 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
         raise ValueError("patients must be at least 1")
     if nights < MIN_NIGHTS:
         raise ValueError(f"nights must be at least {MIN_NIGHTS}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     out = Path(out)
     first_night = last_night - timedelta(days=nights - 1)
     win = _Window.of(first_night, last_night)
@@ -1143,20 +1183,18 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
     _clear(out)
     by_lab = lambda row: (row[5], row[0], row[1])  # noqa: E731  collected_at, patient, result
     by_event = lambda row: (row[2], row[0], row[1], row[3])  # noqa: E731
-    _write_csv(out / "history" / "labs.csv", LAB_HEADER, sorted(history_labs, key=by_lab))
-    _write_csv(out / "history" / "events.csv", EVENT_HEADER, sorted(history_events, key=by_event))
-    for day, rows in nightly_labs.items():
-        _write_csv(out / "inbox" / day.isoformat() / "labs.csv", LAB_HEADER,
-                   sorted(rows, key=by_lab))
-    for day, rows in nightly_events.items():
-        _write_csv(out / "inbox" / day.isoformat() / "events.csv", EVENT_HEADER,
-                   sorted(rows, key=by_event))
+    _write_delivery(out / "history", sorted(history_labs, key=by_lab), sorted(history_events, key=by_event), fmt)
+    for day in sorted(set(nightly_labs) | set(nightly_events)):
+        labs_rows = sorted(nightly_labs[day], key=by_lab) if day in nightly_labs else None
+        event_rows = sorted(nightly_events[day], key=by_event) if day in nightly_events else None
+        _write_delivery(out / "inbox" / day.isoformat(), labs_rows, event_rows, fmt)
 
     expected.sort(key=lambda a: (a["raised_on"], a["patient_id"], a["rule"]))
     with (out / "expected_alerts.jsonl").open("w", encoding="utf-8", newline="\n") as handle:
         handle.writelines(json.dumps(alert) + "\n" for alert in expected)
     manifest = {
         "seed": seed,
+        "format": fmt,
         "patients": patients,
         "first_night": first_night.isoformat(),
         "last_night": last_night.isoformat(),

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.xdist_group("airflow")
 
 # Tasks that touch files, the store or the SMTP server; everything else is pure and must not retry.
 IO_TASKS = {
-    "bonewatch_ingest": {"ingest_partition"},
+    "bonewatch_ingest": {"ingest_labs", "ingest_events", "ingest_hl7", "ingest_fhir", "ingest_sql"},
     "bonewatch_monitor": {"evaluate_rules", "send_alerts", "check_feeds"},
 }
 
@@ -64,14 +64,22 @@ def test_io_tasks_retry_with_backoff_and_pure_tasks_do_not(dagbag, dag_id):
             assert task.retries == 0, f"{task.task_id} is pure: a retry cannot fix a bug"
 
 
-def test_asset_handoff(dagbag):
-    from bonewatch.orchestration import RAW_ASSET
+def test_asset_handoff_one_task_and_one_asset_per_feed(dagbag):
+    from bonewatch.orchestration import FEED_ASSETS
 
     ingest = dagbag.dags["bonewatch_ingest"]
     monitor = dagbag.dags["bonewatch_monitor"]
-    assert ingest.get_task("ingest_partition").outlets == [RAW_ASSET]
+    for feed, asset in FEED_ASSETS.items():
+        task = ingest.get_task(f"ingest_{feed}")
+        assert task.outlets == [asset]
+        assert task.downstream_task_ids == {"check_deliveries"}
+    assert {a.uri for a in FEED_ASSETS.values()} == {
+        "bonewatch://raw/labs", "bonewatch://raw/events", "bonewatch://raw/hl7", "bonewatch://raw/fhir",
+        "bonewatch://raw/sql"}
     assert type(monitor.timetable).__name__ == "AssetTriggeredTimetable"
-    assert list(monitor.timetable.asset_condition.objects) == [RAW_ASSET]
+    condition = monitor.timetable.asset_condition
+    assert type(condition).__name__ == "AssetAll", "the monitor waits for every feed, then runs once"
+    assert list(condition.objects) == list(FEED_ASSETS.values())
     assert set(monitor.get_task("send_alerts").upstream_task_ids) == {"evaluate_rules",
                                                                        "resolve_nights"}
 

@@ -116,15 +116,20 @@ def store(tmp_path, monkeypatch):
 def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_retries):
     # --- bonewatch_ingest, as the scheduler would run it at 01:30 on 11 March -------------------
     ingest_run = _load_dag("bonewatch_ingest").test(logical_date=LOGICAL_DATE)
-    assert _ti_states(ingest_run) == {"ingest_partition": "success",
+    feeds = orchestration.FEEDS
+    assert _ti_states(ingest_run) == {**{f"ingest_{feed}": "success" for feed in feeds},
                                       "check_deliveries": "success"}
     assert ingest_run.state == "success"
-    summary = _xcom(ingest_run, "ingest_partition")
-    assert summary["partition"] == NIGHT
-    assert (summary["files"], summary["failed_files"]) == (2, 0)
-    assert summary["accepted"] == 8 and summary["quarantined"] == 0
-    (event,) = _asset_event_extras(ingest_run)
-    assert event == {"uri": orchestration.RAW_ASSET.uri, "partition": NIGHT}
+    labs, events = _xcom(ingest_run, "ingest_labs"), _xcom(ingest_run, "ingest_events")
+    assert labs["partition"] == events["partition"] == NIGHT
+    assert (labs["files"], events["files"], labs["failed_files"]) == (1, 1, 0)
+    assert labs["accepted"] + events["accepted"] == 8 and labs["quarantined"] == 0
+    assert _xcom(ingest_run, "ingest_hl7")["files"] == 0     # no HL7 tonight: the asset still moves on
+    extras = _asset_event_extras(ingest_run)
+    assert sorted(extras, key=lambda e: e["uri"]) == sorted(
+        ({"uri": orchestration.FEED_ASSETS[feed].uri, "partition": NIGHT} for feed in feeds),
+        key=lambda e: e["uri"])
+    event = extras[0]
     assert mailbox.messages == []
 
     # --- bonewatch_monitor: dag.test() delivers no asset event, so the partition goes in conf ---
@@ -157,10 +162,11 @@ def test_unreadable_delivery_fails_the_run_and_tells_only_the_data_team(airflow_
 
     run = _load_dag("bonewatch_ingest").test(
         logical_date=datetime(2025, 4, 2, 1, 30, tzinfo=UTC))
-    assert _ti_states(run) == {"ingest_partition": "success", "check_deliveries": "failed"}
+    assert _ti_states(run) == {**{f"ingest_{feed}": "success" for feed in orchestration.FEEDS},
+                               "check_deliveries": "failed"}
     assert run.state == "failed"
-    assert _asset_event_extras(run) == [{"uri": orchestration.RAW_ASSET.uri,
-                                         "partition": "2025-04-01"}]
+    assert {e["uri"]: e["partition"] for e in _asset_event_extras(run)} == {
+        asset.uri: "2025-04-01" for asset in orchestration.FEED_ASSETS.values()}
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     (message,) = mailbox.messages
     assert "bonewatch_ingest.check_deliveries" in message["Subject"]

@@ -514,7 +514,7 @@ def test_layout_headers_and_days(cohort):
     manifest = _manifest(cohort)
     first, last = _window(manifest)
     assert (first, last, manifest["nights"]) == (date(2025, 6, 1), LAST, 30)
-    assert set(manifest) == {"seed", "patients", "first_night", "last_night", "nights",
+    assert set(manifest) == {"seed", "format", "patients", "first_night", "last_night", "nights",
                              "scenarios", "bad_rows", "patient_scenarios"}
     assert sum(manifest["scenarios"].values()) == manifest["patients"] == 60
     by_patient = manifest["patient_scenarios"]

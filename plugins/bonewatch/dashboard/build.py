@@ -81,7 +81,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
                     "success": bool(r["success"]), "evaluated": r["evaluated"], "failed": r["failed"],
                     "href": hrefs.get((r["delivery_id"], r["seq"]), "")} for r in runs]
 
-    configured = list(settings.feeds)
+    configured = list(settings.feed_rules)
     seen = sorted(set(feed_rows["feed"]) - set(configured)) if len(feed_rows) else []
     feeds = configured + [f for f in seen if f != metrics.UNREADABLE_FEED]
     if metrics.UNREADABLE_FEED in seen:
@@ -90,7 +90,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         site=settings.site.name, timezone=settings.site.timezone,
         generated_at=metrics.local_hhmm(metrics.as_naive_utc(now), settings.tz),
         nights=nights, feeds=feeds,
-        deadlines={name: feed.deadline for name, feed in settings.feeds.items()},
+        deadlines={name: feed.deadline for name, feed in settings.feed_rules.items()},
         feed_rows=feed_rows, night_rows=night_rows, validations=validations,
         thresholds=metrics.Thresholds.of(settings.quality),
         datadocs_index=f"{DATADOCS}/index.html" if hrefs else "")

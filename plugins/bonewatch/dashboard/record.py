@@ -62,7 +62,7 @@ class QualitySummary:
 
 def feed_rules(settings: Settings) -> tuple[dict[str, metrics.FeedRule], metrics.FeedRule]:
     """The configured feeds, and the rule for feeds that are not configured."""
-    rules = {name: metrics.FeedRule(feed.deadline, feed.expected) for name, feed in settings.feeds.items()}
+    rules = {name: metrics.FeedRule(feed.deadline, feed.expected) for name, feed in settings.feed_rules.items()}
     return rules, metrics.FeedRule(settings.quality.default_deadline, expected=False)
 
 

@@ -105,7 +105,9 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     r_code[analyte.isna()] = "unknown code '" + code[analyte.isna()].str.slice(0, 32) + "'"
     number, censor, r_value = parse_numbers(frame["value"])
     factors = unit_key_table()
-    unit_norm = factorized_map(frame["unit"], normalise_unit, default="")
+    aliases = {normalise_unit(k): normalise_unit(v) for k, v in settings.ingest.unit_aliases.items()}
+    unit_norm = factorized_map(frame["unit"], lambda u: aliases.get(normalise_unit(u), normalise_unit(u)),
+                               default="")
     a_codes, a_names = pd.factorize(analyte)
     u_codes, u_names = pd.factorize(unit_norm)
     table = np.full((len(a_names) + 1, len(u_names) + 1), np.nan)   # the last row/column: missing

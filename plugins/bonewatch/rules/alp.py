@@ -15,8 +15,22 @@ ALP_CAVEAT = ("ALP alone does not monitor bisphosphonate therapy: read it with i
               "healing fracture.")
 
 
+#: A drug administration (FHIR MedicationAdministration of bortezomib) starts a therapy only when
+#: no start of the same regimen came in this many days before it: the later cycles continue it.
+ADMINISTRATION_CONTINUES_DAYS = 180
+
+
 def therapy_starts(facts: Facts, regimen: str | None = None) -> pd.DataFrame:
+    """Therapy starts per patient: `myeloma_therapy_start` events, and the first administration of
+    a regimen (SPEC 2.3: "the first MedicationAdministration of bortezomib starts" the therapy)."""
     rows = facts.events[facts.events["event_type"] == "myeloma_therapy_start"]
+    administered = rows["detail"] == "administration"
+    if administered.any():
+        rows = rows.assign(_regimen=rows["value"].str.lower()).sort_values(["patient_id", "_regimen", "day"])
+        previous = rows.groupby(["patient_id", "_regimen"])["day"].shift()
+        gap = (rows["day"] - previous).dt.days
+        continues = (rows["detail"] == "administration") & (gap <= ADMINISTRATION_CONTINUES_DAYS)
+        rows = rows[~continues]
     if regimen:
         rows = rows[rows["value"].str.lower().str.contains(regimen, regex=False)]
     return pd.DataFrame({"patient_id": rows["patient_id"].to_numpy(), "start": rows["day"].to_numpy(),

@@ -289,3 +289,25 @@ course_states = Table(
     Column("baseline_note", Text, nullable=False),
     Column("as_of", Date, nullable=False, comment="the night this state was computed for"),
 )
+
+# 0006: real hospital feeds (issue: HL7, FHIR, SQL). FHIR resources name their patient by a
+# reference (`Patient/<id>`); a bulk export sends Patients in one file and Observations in another,
+# so the MRN of every Patient resource seen is kept for later deliveries.
+patient_refs = Table(
+    "patient_refs",
+    metadata,
+    Column("ref", String(200), primary_key=True, comment="Patient/<resource id>"),
+    Column("patient_id", String(64), nullable=False, comment="the MRN the Patient resource carried"),
+    Column("delivery_id", String(64), nullable=False),
+)
+
+# The high-water mark of each SQL source: the next pull reads rows with a larger watermark only.
+source_watermarks = Table(
+    "source_watermarks",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("watermark", Text, nullable=False, comment="the largest watermark read, rendered as text"),
+    Column("kind", String(16), nullable=False, comment="int | float | datetime | date | text"),
+    Column("rows_read", Integer, nullable=False, default=0),
+    Column("updated_at", DateTime, nullable=False, comment="UTC, when the pull committed"),
+)

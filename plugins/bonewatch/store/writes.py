@@ -24,7 +24,15 @@ import pyarrow.csv as pacsv
 from sqlalchemy import Connection, Date, DateTime, Float, Integer, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bonewatch.store.tables import clinical_events, deliveries, lab_results, patient_index, quarantine
+from bonewatch.store.tables import (
+    clinical_events,
+    deliveries,
+    lab_results,
+    patient_index,
+    patient_refs,
+    quarantine,
+    source_watermarks,
+)
 
 _BATCH = 20000
 _COPY_PIECE = 8 << 20      # bytes handed to COPY at a time
@@ -270,6 +278,43 @@ def insert_quarantine(conn: Connection, rows: pd.DataFrame) -> None:
     columns = [c.name for c in quarantine.columns]
     stmt = _insert(conn, quarantine).on_conflict_do_nothing(index_elements=["delivery_id", "source_line"])
     _execute_batched(conn, stmt, rows, columns)
+
+
+def upsert_patient_refs(conn: Connection, rows: pd.DataFrame) -> None:
+    """FHIR `Patient/<id>` -> MRN (columns ref, patient_id, delivery_id); the latest delivery wins."""
+    if rows.empty:
+        return
+    rows = rows.drop_duplicates("ref", keep="last")
+    stmt = _insert(conn, patient_refs)
+    stmt = stmt.on_conflict_do_update(index_elements=["ref"], set_={"patient_id": stmt.excluded.patient_id,
+                                                                    "delivery_id": stmt.excluded.delivery_id})
+    _execute_batched(conn, stmt, rows, ["ref", "patient_id", "delivery_id"])
+
+
+def lookup_patient_refs(conn: Connection, refs: Iterable[str]) -> dict[str, str]:
+    """The MRNs of Patient references delivered earlier, in bulk."""
+    wanted = sorted(set(refs))
+    found: dict[str, str] = {}
+    for start in range(0, len(wanted), 900):
+        piece = wanted[start:start + 900]
+        found.update(conn.execute(select(patient_refs.c.ref, patient_refs.c.patient_id)
+                                  .where(patient_refs.c.ref.in_(piece))).tuples().all())
+    return found
+
+
+def load_watermark(conn: Connection, source: str) -> tuple[str, str] | None:
+    """(watermark text, kind) of a SQL source, or None before its first pull."""
+    row = conn.execute(select(source_watermarks.c.watermark, source_watermarks.c.kind)
+                       .where(source_watermarks.c.source == source)).first()
+    return (row[0], row[1]) if row else None
+
+
+def save_watermark(conn: Connection, row: dict) -> None:
+    """A SQL source's high-water mark (source, watermark, kind, rows_read, updated_at)."""
+    stmt = _insert(conn, source_watermarks)
+    stmt = stmt.on_conflict_do_update(index_elements=["source"],
+                                      set_={k: stmt.excluded[k] for k in row if k != "source"})
+    conn.execute(stmt, row)
 
 
 def delivery_status(conn: Connection, delivery_id: str) -> str | None:
