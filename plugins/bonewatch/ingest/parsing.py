@@ -45,6 +45,12 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
     `latest` (the delivery's arrival plus a day) are rejected.
     """
     text = raw.astype("string").str.strip().fillna("")
+    # Years pandas cannot hold (before 1678, after 2262) would overflow its timestamps: they are
+    # out of range anyway, so set them aside before parsing.
+    year = pd.to_numeric(text.str.extract(r"^(\d{4})", expand=False), errors="coerce")
+    out_of_bounds = (year.notna() & ((year < 1700) | (year > 2200))).to_numpy()
+    sent = text
+    text = text.mask(out_of_bounds, "")
     # Fast path: the shape nearly every feed sends (local time, seconds, no offset) parses with
     # one exact format; everything else takes the general ISO-8601 path below.
     naive = pd.to_datetime(text, format="%Y-%m-%dT%H:%M:%S", errors="coerce")
@@ -69,8 +75,8 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
     bad = (text != "") & utc_naive.isna()
     reasons[bad] = "impossible date '" + text[bad].str.slice(0, 40) + "'"
     latest_ts = pd.Timestamp(latest).tz_localize(None) if pd.Timestamp(latest).tzinfo else pd.Timestamp(latest)
-    out_of_range = utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))
-    reasons[out_of_range] = "date out of range '" + text[out_of_range].str.slice(0, 40) + "'"
+    out_of_range = (utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))) | out_of_bounds
+    reasons[out_of_range] = "date out of range '" + sent[out_of_range].str.slice(0, 40) + "'"
     return utc_naive, local_date, reasons
 
 

@@ -8,6 +8,7 @@ columns) raises SourceUnreadable naming the file and the first bad line.
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,31 @@ def read_header(path: Path, required: list[str]) -> list[str]:
 def read_chunks(path: Path, required: list[str], chunk_rows: int) -> Iterator[Chunk]:
     """Yield chunks of about `chunk_rows` rows; index of each frame = the row's line number."""
     columns = read_header(path, required)
+    # pyarrow decodes a ragged row before handing it to the invalid-row handler; when the row is
+    # not UTF-8 that fails inside pyarrow, which reports it through sys.unraisablehook (a traceback
+    # on stderr) and then raises a parse error. The parse error becomes "not UTF-8 text" naming the
+    # line (`_unreadable`); keep stderr clean meanwhile.
+    previous_hook = sys.unraisablehook
+
+    def quiet_decode_errors(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, UnicodeDecodeError):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_decode_errors
+    try:
+        yield from _read(path, columns, chunk_rows)
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _unreadable(path: Path, exc: pa.ArrowInvalid) -> SourceUnreadable:
+    undecodable = _first_undecodable_line(path)
+    if "UTF8" in str(exc).upper() or undecodable:
+        return SourceUnreadable(path, undecodable or None, "not UTF-8 text")
+    return SourceUnreadable(path, None, str(exc).splitlines()[0][:200])
+
+
+def _read(path: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
     invalid: list[tuple[int, str, str]] = []
 
     def on_invalid(row) -> str:
@@ -80,12 +106,14 @@ def read_chunks(path: Path, required: list[str], chunk_rows: int) -> Iterator[Ch
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except pa.ArrowInvalid as exc:
-        if "UTF8" in str(exc).upper():
-            raise SourceUnreadable(path, _first_undecodable_line(path), "not UTF-8 text") from None
         if "Empty CSV file" in str(exc):
             return
-        raise SourceUnreadable(path, None, str(exc).splitlines()[0][:200]) from None
+        raise _unreadable(path, exc) from None
+    yield from _stream(path, reader, columns, chunk_rows, invalid)
 
+
+def _stream(path: Path, reader, columns: list[str], chunk_rows: int,
+            invalid: list[tuple[int, str, str]]) -> Iterator[Chunk]:
     skipped: list[int] = []
     position = 0
     pending: list[pd.DataFrame] = []
@@ -115,9 +143,7 @@ def read_chunks(path: Path, required: list[str], chunk_rows: int) -> Iterator[Ch
                 start += chunk_rows
             pending = [joined.iloc[start:]] if start < len(joined) else []
     except pa.ArrowInvalid as exc:
-        if "UTF8" in str(exc).upper():
-            raise SourceUnreadable(path, _first_undecodable_line(path), "not UTF-8 text") from None
-        raise SourceUnreadable(path, None, str(exc).splitlines()[0][:200]) from None
+        raise _unreadable(path, exc) from None
     tail = invalid[reported:]
     pending_bad.extend((line, text, reason) for line, text, reason in tail if reason)
     if pending or pending_bad:

@@ -1,0 +1,517 @@
+"""HL7 v2 ORU^R01 lab deliveries (SPEC 2.2): stream a file as canonical lab chunks, and write one.
+
+`read_hl7` reads the file incrementally, one message at a time, and turns every OBX segment into a
+row of raw strings in `feeds.LAB_COLUMNS`; `feeds.parse_labs` then does every value-level check
+(codes through the configured code map, units, numbers, censoring, dates, statuses) exactly as for
+the lab CSV. The mapping:
+
+- PID-3 -> patient_id: the repetition whose identifier type (CX.5) is MR, else the first non-empty
+  repetition; component 1 only, as sent (leading zeros kept);
+- OBR-3.1 (filler order number) + OBX-1 (set id) -> result_id `"<OBR-3>-<set id>"`;
+- OBX-14, else OBR-7 -> collected_at, `YYYYMMDD[HH[MM[SS[.S...]]]][+/-ZZZZ]` rendered as ISO-8601
+  (`+HH:MM` only when an offset was sent; a date alone stays a date); a malformed timestamp is
+  passed through as sent, so the canonical parser rejects it as an impossible date;
+- OBX-3.1 -> loinc (the code as sent), OBX-6.1 -> unit;
+- OBX-5 -> value: for value type SN (structured numeric) comparator + number (`<^5` -> `<5`,
+  `>=^1000` -> `>=1000`, `^5` -> `5`); for any other type, component 1;
+- OBX-11 -> status: F, C, P, X as sent; W (wrong) and D (deleted) withdraw a result -> `cancelled`;
+  I, R, S (not yet final) -> `preliminary`; anything else as sent (and rejected downstream).
+
+The structure of each message (segments, fields, repetitions, components) is parsed with
+python-hl7 (`hl7.parse`): it is lenient, small and well kept. hl7apy was not chosen: it validates
+every message strictly against the version's message structures (a feed's harmless deviations
+would reject whole messages) and is much slower. Field values are read and unescaped here rather
+than with python-hl7's `extract_field`, whose unescaping logs the field text (patient data) on an
+unknown escape sequence.
+
+Line numbers: every segment terminator (`\\r`, `\\n` or `\\r\\n`) ends a physical line, so the
+`\\r`, `\\n` and `\\r\\n` forms of one file number their segments alike. MLLP framing (`<VT>` before a
+message, `<FS><CR>` after it) and a UTF-8 byte-order mark are stripped; a line that held nothing
+but framing bytes is framing, not data, and is not counted.
+
+Charset: UTF-8, unless a message's MSH-18 declares ISO 8859 (`8859/1` is latin-1): that message
+and the rest of the file are decoded with it. A byte that is not UTF-8 in a message that declares
+nothing makes the file unreadable, unless some message of the file declares 8859/x.
+
+What cannot become a row is a bad row `(line, segment text, reason)`; the reasons are plain lines
+that never carry a patient identifier. A file that is empty, not HL7 or not decodable raises
+`SourceUnreadable`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import hl7
+import pandas as pd
+
+from bonewatch.errors import SourceUnreadable
+from bonewatch.ingest.feeds import LAB_COLUMNS
+from bonewatch.ingest.parsing import STATUS_MAP
+from bonewatch.ingest.reader import Chunk
+
+if TYPE_CHECKING:
+    from bonewatch.ingest.sources import ReadContext
+
+SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
+#: OBX-11 codes that bonewatch maps itself; F, C, P, X go through `parsing.parse_statuses`.
+STATUS_OF_HL7 = {"W": "cancelled", "D": "cancelled", "I": "preliminary", "R": "preliminary",
+                 "S": "preliminary"}
+HEAD_BYTES = 64 * 1024
+_BLOCK = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+_FRAMING = b"\x0b\x1c"
+_EOL = re.compile(rb"\r\n|\r|\n")
+_MSH_AT_SEGMENT_START = re.compile(rb"(?:\A|[\r\n\x0b\x1c])(?:\xef\xbb\xbf)?[ \t]*MSH")
+_ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
+_RESULT_SEGMENTS = {"PID", "OBR", "OBX"}   # batch-protocol envelope: ends a message, ignored
+_TS = re.compile(r"(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?([+-]\d{4})?")
+_ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2})?")
+_CENSORED = re.compile(r"\s*([<>]=?)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+_NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
+_COMPARATORS = {"", "=", "<", ">", "<=", ">=", "<>"}
+_LETTER_OF_STATUS = {"final": "F", "corrected": "C", "preliminary": "P", "cancelled": "X"}
+
+Line = tuple[int, bytes]
+Bad = tuple[int, str, str]
+
+
+# --------------------------------------------------------------------------- reading: bytes -> lines
+
+
+def _physical_lines(handle: BinaryIO) -> Iterator[bytes]:
+    """Every physical line of the file, without its terminator (`\\r\\n`, `\\r` or `\\n`)."""
+    pending = b""
+    while True:
+        block = handle.read(_BLOCK)
+        if not block:
+            break
+        data = pending + block
+        cut = len(data) - 1 if data.endswith(b"\r") else len(data)   # a `\r\n` may straddle blocks
+        parts = _EOL.split(data[:cut])
+        pending = parts.pop() + data[cut:]
+        yield from parts
+    if pending:
+        parts = _EOL.split(pending)
+        if parts[-1] == b"":
+            parts.pop()
+        yield from parts
+
+
+def _lines(handle: BinaryIO) -> Iterator[Line]:
+    """(line number, content) of every non-blank line, MLLP framing and byte-order marks stripped.
+    A line of nothing but framing bytes is not counted (see the module docstring)."""
+    number = 0
+    for raw in _physical_lines(handle):
+        content = raw.strip(_FRAMING)
+        if raw and not content:
+            continue                       # `<FS>` alone on its line: framing, not a line
+        number += 1
+        if content.startswith(_BOM):
+            content = content[len(_BOM):].lstrip(_FRAMING)
+        content = content.strip()
+        if content:
+            yield number, content
+
+
+def _groups(lines: Iterable[Line]) -> Iterator[list[Line]]:
+    """Group lines into messages: a group starts at an MSH segment (or is the lines before the
+    first one, or after a batch envelope segment); envelope segments are dropped."""
+    group: list[Line] = []
+    for number, content in lines:
+        head = content[:3]
+        if head == b"MSH" or head in _ENVELOPE:
+            if group:
+                yield group
+            group = [] if head in _ENVELOPE else [(number, content)]
+        else:
+            group.append((number, content))
+    if group:
+        yield group
+
+
+# --------------------------------------------------------------------------- reading: charset
+
+
+def _codec_of(declared: str) -> str | None:
+    """The Python codec of an MSH-18 value (HL7 table 0211), None when it names no 8-bit set."""
+    text = declared.strip().upper()
+    match = re.fullmatch(r"(?:ISO[-_ ]?)?8859[/-](\d{1,2})", text)
+    if match:
+        try:
+            return codecs.lookup(f"iso8859-{match.group(1)}").name
+        except LookupError:
+            return None
+    if text in ("UNICODE UTF-8", "UTF-8", "UNICODE", "ASCII"):
+        return "utf-8"
+    return None
+
+
+def _declared_codec(msh: bytes) -> str | None:
+    """MSH-18 (first repetition, component 1), read from the raw bytes before anything is decoded."""
+    if len(msh) < 4:
+        return None
+    fields = msh.split(msh[3:4])
+    if len(fields) < 18 or not fields[17]:
+        return None
+    encoding = fields[1]
+    value = fields[17]
+    for separator in (encoding[1:2], encoding[0:1]):     # repetition, then component separator
+        if separator:
+            value = value.split(separator)[0]
+    return _codec_of(value.decode("ascii", "replace"))
+
+
+class _Charset:
+    """The file's charset: UTF-8 until a message declares an ISO 8859 set (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fallback: str | None = None     # an 8859 set declared by some message of the file
+        self.scanned = False
+
+    def decode(self, group: list[Line]) -> list[tuple[int, str]]:
+        first = group[0][1]
+        declared = _declared_codec(first) if first.startswith(b"MSH") else None
+        if declared and declared != "utf-8":
+            self.fallback = declared
+        codec = declared or self.fallback or "utf-8"
+        try:
+            return [(number, content.decode(codec)) for number, content in group]
+        except UnicodeDecodeError:
+            pass
+        if declared is None and not self.scanned:
+            self.fallback = self._scan()
+            self.scanned = True
+            if self.fallback:
+                return [(number, content.decode(self.fallback)) for number, content in group]
+        bad = next(number for number, content in group if not _decodes(content, codec))
+        raise SourceUnreadable(self.path, bad, "not UTF-8 text" if codec == "utf-8" else f"not {codec} text")
+
+    def _scan(self) -> str | None:
+        """Does any message of the file declare an ISO 8859 charset? (Only on a bad UTF-8 byte.)"""
+        with self.path.open("rb") as handle:
+            for _, content in _lines(handle):
+                if content.startswith(b"MSH"):
+                    codec = _declared_codec(content)
+                    if codec and codec != "utf-8":
+                        return codec
+        return None
+
+
+def _decodes(content: bytes, codec: str) -> bool:
+    try:
+        content.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- reading: fields
+
+
+class _Fields:
+    """Field access on python-hl7 segments: 1-based, missing parts read as "", values unescaped."""
+
+    def __init__(self, message: hl7.Message):
+        separators, self.esc = message.separators, message.esc
+        self.table = {"F": separators[1], "R": separators[2], "S": separators[3], "T": separators[4],
+                      "E": self.esc}
+        self.escape = re.compile(re.escape(self.esc) + "([^" + re.escape(self.esc) + "]*)" + re.escape(self.esc))
+
+    def repetitions(self, segment, field: int) -> int:
+        if field >= len(segment):
+            return 0
+        value = segment[field]
+        return len(value) if value and not isinstance(value[0], str) else 1
+
+    def get(self, segment, field: int, repetition: int = 1, component: int = 1) -> str:
+        if field >= len(segment):
+            return ""
+        node = segment[field]
+        for index in (repetition, component):
+            if isinstance(node, str):
+                if index != 1:
+                    return ""
+                break
+            if index > len(node):
+                return ""
+            node = node[index - 1]
+        while not isinstance(node, str):             # sub-components: the first one
+            if not node:
+                return ""
+            node = node[0]
+        return self.unescape(node).strip()
+
+    def unescape(self, text: str) -> str:
+        if self.esc not in text:
+            return text
+        return self.escape.sub(self._replace, text)
+
+    def _replace(self, match: re.Match) -> str:
+        code = match.group(1)
+        if code in self.table:
+            return self.table[code]
+        if code[:1] == "X" and len(code) > 1:
+            try:
+                raw = bytes.fromhex(code[1:])
+            except ValueError:
+                return ""
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw.decode("latin-1")
+        if code[:3] in (".br", ".sp", ".in", ".ti", ".sk", ".ce"):
+            return " "
+        return ""                                       # highlighting, charset switches: dropped
+
+
+def hl7_timestamp(text: str) -> str:
+    """An HL7 DTM/TS value -> ISO-8601 (see the module docstring); malformed text as sent."""
+    text = text.strip()
+    match = _TS.fullmatch(text)
+    if not match:
+        return text
+    year, month, day, hour, minute, second, offset = match.groups()
+    try:
+        datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0))
+    except ValueError:
+        return text
+    if hour is None:
+        return f"{year}-{month}-{day}"
+    iso = f"{year}-{month}-{day}T{hour}:{minute or '00'}:{second or '00'}"
+    if offset:
+        if int(offset[1:3]) > 14 or int(offset[3:5]) > 59:
+            return text
+        iso += f"{offset[:3]}:{offset[3:]}"
+    return iso
+
+
+def _structured_numeric(fields: _Fields, segment) -> str:
+    comparator, number = fields.get(segment, 5, 1, 1), fields.get(segment, 5, 1, 2)
+    separator, second = fields.get(segment, 5, 1, 3), fields.get(segment, 5, 1, 4)
+    if comparator not in _COMPARATORS and number == "":
+        return comparator                               # a plain number sent without components
+    value = ("" if comparator == "=" else comparator) + number
+    return value + separator + second if separator and second else value
+
+
+def _patient_id(fields: _Fields, pid) -> str:
+    ids = [(fields.get(pid, 3, r, 1), fields.get(pid, 3, r, 5).upper())
+           for r in range(1, fields.repetitions(pid, 3) + 1)]
+    for identifier, kind in ids:
+        if kind == "MR" and identifier:
+            return identifier
+    return next((identifier for identifier, _ in ids if identifier), "")
+
+
+def _segment_id(segment) -> str:
+    return str(segment[0]).strip().upper() if len(segment) else ""
+
+
+def _message_rows(group: list[tuple[int, str]]) -> tuple[list[tuple[int, tuple]], list[Bad]]:
+    """One message (its decoded lines, the first being MSH) -> (line, row) items and bad rows."""
+    msh_line, msh_text = group[0]
+    # Only the segments that carry results are parsed (python-hl7 builds every field's tree; NTE,
+    # PV1, ORC... would cost time and give nothing). Each kept line stays paired with its segment.
+    group = [group[0], *(item for item in group[1:] if item[1][:3].upper() in _RESULT_SEGMENTS)]
+    try:
+        message = hl7.parse("\r".join(text for _, text in group))
+        fields = _Fields(message)
+    except Exception as exc:  # any parser failure quarantines the message, never the run
+        detail = (str(exc).splitlines() or [""])[0]
+        reason = f"the HL7 message cannot be parsed ({type(exc).__name__}{': ' + detail if detail else ''})"
+        return [], [(msh_line, msh_text, reason[:200])]
+    segments = list(zip(group, message, strict=False))
+    msh = message[0]
+    kind = [fields.get(msh, 9, 1, 1), fields.get(msh, 9, 1, 2)]
+    if [k.upper() for k in kind] != ["ORU", "R01"]:
+        shown = "^".join(k[:16] for k in kind if k) or "MSH-9 empty"
+        return [], [(msh_line, msh_text, f"not an ORU^R01 message ({shown})")]
+    version = fields.get(msh, 12, 1, 1)
+    message_reason = ""
+    if version not in SUPPORTED_VERSIONS:
+        message_reason = f"unsupported HL7 version '{version[:16]}'" if version else "missing HL7 version (MSH-12)"
+    has_pid = any(_segment_id(segment) == "PID" for _, segment in segments)
+    patient: str | None = None
+    order = ""
+    observed_at = ""
+    rows: list[tuple[int, tuple]] = []
+    bad: list[Bad] = []
+    for (line, text), segment in segments:
+        name = _segment_id(segment)
+        if name == "PID":
+            patient = _patient_id(fields, segment)
+            order, observed_at = "", ""                 # a new patient result group: no order yet
+        elif name == "OBR":
+            order = fields.get(segment, 3, 1, 1)
+            observed_at = fields.get(segment, 7, 1, 1)
+        elif name == "OBX":
+            set_id = fields.get(segment, 1, 1, 1)
+            if message_reason:
+                reason = message_reason
+            elif not has_pid:
+                reason = f"message at line {msh_line} has no PID segment"
+            elif patient is None:
+                reason = f"OBX before the PID segment of the message at line {msh_line}"
+            elif patient == "":
+                reason = "PID-3 (patient id) is empty"
+            elif order == "":
+                reason = "OBX without an OBR order number"
+            elif set_id == "":
+                reason = "OBX-1 (set id) is empty"
+            else:
+                reason = ""
+            if reason:
+                bad.append((line, text, reason))
+                continue
+            value = (_structured_numeric(fields, segment) if fields.get(segment, 2, 1, 1).upper() == "SN"
+                     else fields.get(segment, 5, 1, 1))
+            status = fields.get(segment, 11, 1, 1)
+            status = STATUS_OF_HL7.get(status.upper(), status)
+            collected = fields.get(segment, 14, 1, 1) or observed_at
+            rows.append((line, (patient, f"{order}-{set_id}", fields.get(segment, 3, 1, 1), value,
+                                fields.get(segment, 6, 1, 1), hl7_timestamp(collected), status)))
+    return rows, bad
+
+
+def _orphans(group: list[tuple[int, str]]) -> list[Bad]:
+    """Lines outside any message: an OBX there cannot be attributed; other segments are ignored."""
+    return [(line, text, "OBX outside a message (no MSH segment before it)")
+            for line, text in group if text[:3].upper() == "OBX"]
+
+
+# --------------------------------------------------------------------------- reading: the file
+
+
+def _check_head(path: Path) -> None:
+    with path.open("rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    if not head:
+        raise SourceUnreadable(path, None, "the file is empty")
+    if len(head) < HEAD_BYTES and not head.replace(_BOM, b"").strip(b" \t\r\n\x0b\x1c"):
+        raise SourceUnreadable(path, 1, "the file is empty")
+    if not _MSH_AT_SEGMENT_START.search(head):
+        raise SourceUnreadable(path, 1, "no MSH segment: not an HL7 v2 file")
+
+
+def _frame(rows: list[tuple[int, tuple]]) -> pd.DataFrame:
+    index = pd.Index([line for line, _ in rows], dtype="int64", name="line")
+    return pd.DataFrame([row for _, row in rows], columns=LAB_COLUMNS, index=index, dtype=object)
+
+
+def read_hl7(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
+    """Stream an HL7 v2 ORU^R01 file as ("labs", Chunk) items of `ctx.chunk_rows` rows (the last
+    one fewer); each frame is indexed by the OBX segment's line. See the module docstring."""
+    path = Path(path)
+    _check_head(path)
+    size = max(1, int(ctx.chunk_rows))
+    charset = _Charset(path)
+    rows: list[tuple[int, tuple]] = []
+    bad: list[Bad] = []
+    with path.open("rb") as handle:
+        for group in _groups(_lines(handle)):
+            decoded = charset.decode(group)
+            if group[0][1].startswith(b"MSH"):
+                message_rows, message_bad = _message_rows(decoded)
+            else:
+                message_rows, message_bad = [], _orphans(decoded)
+            rows.extend(message_rows)
+            bad.extend(message_bad)
+            while len(rows) >= size:
+                yield "labs", Chunk(_frame(rows[:size]), bad)
+                rows, bad = rows[size:], []
+    if rows or bad:
+        yield "labs", Chunk(_frame(rows), bad)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _escape(text: str) -> str:
+    text = str(text).replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+    text = text.replace("~", "\\R\\").replace("&", "\\T\\")
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+
+
+def _hl7_time(iso: str) -> str:
+    """ISO-8601 -> HL7 DTM (`YYYYMMDD[HHMM[SS[.SSSS]]][+ZZZZ]`); anything else as it is."""
+    text = str(iso).strip()
+    match = _ISO.fullmatch(text)
+    if not match:
+        return _escape(text)
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    out = f"{year}{month}{day}"
+    if hour is not None:
+        out += f"{hour}{minute}" + (second or "") + (f".{fraction[:4]}" if second and fraction else "")
+        if offset:
+            out += "+0000" if offset == "Z" else offset[:3] + offset[-2:]
+    return out
+
+
+def _status_letter(status: str) -> str:
+    text = str(status).strip()
+    canonical = STATUS_MAP.get(text.lower())
+    return _LETTER_OF_STATUS[canonical] if canonical else _escape(text)
+
+
+def _observation_value(value: str) -> tuple[str, str]:
+    """(OBX-2 value type, OBX-5) of a CSV value."""
+    text = str(value).strip()
+    censored = _CENSORED.fullmatch(text)
+    if censored:
+        return "SN", f"{censored.group(1)}^{censored.group(2)}"
+    if text == "" or _NUMBER.fullmatch(text):
+        return "NM", text
+    return "ST", _escape(text)
+
+
+def _message_groups(rows: Iterable[tuple]) -> list[list[tuple]]:
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for row in rows:
+        row = tuple("" if v is None else str(v) for v in row)
+        groups.setdefault((row[0], row[5]), []).append(row)
+    return list(groups.values())
+
+
+def write_hl7(path: Path, rows: Iterable[tuple]) -> None:
+    """Write lab CSV rows (patient_id, result_id, loinc, value, unit, collected_at, status) as HL7
+    v2.5.1 ORU^R01: one message per (patient, collection time), in order of first appearance;
+    `\\r` ends each segment and a `\\n` follows each message. Same rows -> the same bytes."""
+    out: list[str] = []
+    for group in _message_groups(rows):
+        patient, first_id, first_code, _, _, collected_at, _ = group[0]
+        stamp = _hl7_time(collected_at)
+        digest = hashlib.sha256("\x1f".join("\x1e".join(r) for r in group).encode()).hexdigest()
+        segments = [
+            f"MSH|^~\\&|BONEWATCH|HOSP|BONEWATCH|HOSP|{stamp}||ORU^R01^ORU_R01|BW{digest[:18].upper()}|P|2.5.1",
+            f"PID|1||{_escape(patient)}^^^HOSP^MR",
+            "|".join(["OBR", "1", "", _escape(first_id), f"{_escape(first_code)}^^LN", "", "", stamp]),
+        ]
+        for set_id, (_, _, code, value, unit, _, status) in enumerate(group, start=1):
+            value_type, observation = _observation_value(value)
+            fields = ["OBX", str(set_id), value_type, f"{_escape(code)}^^LN", "", observation, _escape(unit),
+                      "", "", "", "", _status_letter(status), "", "", stamp]
+            segments.append("|".join(fields))
+        out.append("\r".join(segments) + "\r\n")
+    Path(path).write_bytes("".join(out).encode("utf-8"))
+
+
+def hl7_result_ids(rows: Iterable[tuple]) -> list[str]:
+    """For each input row of `write_hl7`, the result_id `read_hl7` assigns it (`<OBR-3>-<set id>`)."""
+    rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
+    ids: dict[int, str] = {}
+    seen: dict[tuple[str, str], list[int]] = {}
+    for position, row in enumerate(rows):
+        seen.setdefault((row[0], row[5]), []).append(position)
+    for positions in seen.values():
+        first_id = rows[positions[0]][1]
+        for set_id, position in enumerate(positions, start=1):
+            ids[position] = f"{first_id}-{set_id}"
+    return [ids[position] for position in range(len(rows))]
