@@ -17,6 +17,7 @@ import pytest
 
 from bonewatch import orchestration
 from bonewatch.config import load_settings
+from bonewatch.ingest import hl7
 
 pytestmark = [
     pytest.mark.xdist_group("airflow"),
@@ -34,8 +35,9 @@ NIGHT = "2025-03-10"
 LABS = """\
 patient_id,result_id,loinc,value,unit,collected_at,status
 000123,R-1,2160-0,0.9,mg/dL,2025-01-28T08:00:00,final
-000123,R-2,2160-0,1.5,mg/dL,2025-03-10T08:00:00,final
 """
+# The rise comes from the LIS as HL7 v2: the alert needs the HL7 task to have run.
+RISE_HL7 = [("000123", "R-2", "2160-0", "1.5", "mg/dL", "2025-03-10T08:00:00", "final")]
 
 EVENTS = """\
 patient_id,event_type,occurred_at,value,detail
@@ -110,6 +112,7 @@ def store(tmp_path, monkeypatch):
     night_folder.mkdir(parents=True)
     (night_folder / "labs.csv").write_text(textwrap.dedent(LABS), encoding="utf-8")
     (night_folder / "clinical.events.csv").write_text(textwrap.dedent(EVENTS), encoding="utf-8")
+    hl7.write_hl7(night_folder / "lis.hl7", RISE_HL7)
     return settings
 
 
@@ -123,8 +126,9 @@ def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_r
     labs, events = _xcom(ingest_run, "ingest_labs"), _xcom(ingest_run, "ingest_events")
     assert labs["partition"] == events["partition"] == NIGHT
     assert (labs["files"], events["files"], labs["failed_files"]) == (1, 1, 0)
-    assert labs["accepted"] + events["accepted"] == 8 and labs["quarantined"] == 0
-    assert _xcom(ingest_run, "ingest_hl7")["files"] == 0     # no HL7 tonight: the asset still moves on
+    assert labs["accepted"] + events["accepted"] == 7 and labs["quarantined"] == 0
+    assert (_xcom(ingest_run, "ingest_hl7")["files"], _xcom(ingest_run, "ingest_hl7")["accepted"]) == (1, 1)
+    assert _xcom(ingest_run, "ingest_fhir")["files"] == 0     # no FHIR tonight: the asset still moves on
     extras = _asset_event_extras(ingest_run)
     assert sorted(extras, key=lambda e: e["uri"]) == sorted(
         ({"uri": orchestration.FEED_ASSETS[feed].uri, "partition": NIGHT} for feed in feeds),
