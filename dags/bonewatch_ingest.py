@@ -40,9 +40,9 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import DAG, CronTriggerTimetable, task
 
 from bonewatch.orchestration import (
+    DEFAULT_ARGS,
     FEED_ASSETS,
     FEEDS,
-    email_data_team_on_failure,
     email_data_team_on_run_failure,
     schedule_timezone,
 )
@@ -67,11 +67,7 @@ with DAG(
     # once); backfills are explicit (`airflow backfill create`) and give the same alerts.
     catchup=False,
     max_active_runs=1,  # nights load in order: a correction must land after what it corrects
-    default_args={
-        "owner": "clinical-data-team",
-        "retries": 0,
-        "on_failure_callback": email_data_team_on_failure,
-    },
+    default_args=DEFAULT_ARGS,
     # Lateness: a run past this is stopped and the DAG callback emails the data team. (A
     # DeadlineAlert would warn without stopping the run, but on Airflow 3.3.2 any DAG with
     # `deadline=` crashes `dag.test()` / `airflow dags test` once the run succeeds.)

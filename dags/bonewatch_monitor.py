@@ -36,8 +36,8 @@ from datetime import timedelta
 from airflow.sdk import DAG, task
 
 from bonewatch.orchestration import (
+    DEFAULT_ARGS,
     FEED_ASSETS,
-    email_data_team_on_failure,
     email_data_team_on_run_failure,
 )
 
@@ -50,11 +50,7 @@ with DAG(
     # bonewatch_ingest or a manual run with conf {"partition": ...}, and give the same alerts.
     catchup=False,
     max_active_runs=1,  # nights are evaluated in order: an episode opened on N is seen on N + 1
-    default_args={
-        "owner": "clinical-data-team",
-        "retries": 0,
-        "on_failure_callback": email_data_team_on_failure,
-    },
+    default_args=DEFAULT_ARGS,
     # Lateness: a run past this is stopped and the DAG callback emails the data team. (A
     # DeadlineAlert would warn without stopping the run, but on Airflow 3.3.2 any DAG with
     # `deadline=` crashes `dag.test()` / `airflow dags test` once the run succeeds.)

@@ -259,3 +259,12 @@ def email_data_team_on_run_failure(context: Mapping[str, Any]) -> None:
                           "\n".join(lines))
     except Exception:  # noqa: BLE001 - a callback must not raise
         log.exception("could not email the data team about the run %s", run_id)
+
+
+#: Every bonewatch task: owned by the data team, no retry unless it does I/O (a retry cannot fix a
+#: bug; I/O tasks set their own back-off), and a final failure emails the data team.
+DEFAULT_ARGS = {
+    "owner": "clinical-data-team",
+    "retries": 0,
+    "on_failure_callback": email_data_team_on_failure,
+}
