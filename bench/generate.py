@@ -246,3 +246,36 @@ if __name__ == "__main__":  # python -m bench.generate ROWS
     t = time.perf_counter()
     feeds = generate(Path(__file__).parent / "out", int(float(sys.argv[1])))
     print(feeds.meta, f"{time.perf_counter() - t:.1f}s")
+
+
+FORMAT_FILES = {"hl7": "history.hl7", "fhir": "history.bundle.json", "ndjson": "ndjson"}
+
+
+def other_formats(feeds: Feeds, formats=("hl7", "fhir", "ndjson")) -> dict[str, Path]:
+    """The backfill's lab CSV written again as HL7 v2 ORU, a FHIR Bundle and FHIR NDJSON, with the
+    package's own writers (the ones the synthetic cohort uses); written once, reused after."""
+    from bonewatch.ingest import fhir, hl7
+
+    folder = feeds.root / "formats"
+    folder.mkdir(exist_ok=True)
+    paths = {fmt: folder / FORMAT_FILES[fmt] for fmt in formats}
+    missing = [fmt for fmt, path in paths.items() if not path.exists()]
+    if not missing:
+        return paths
+    table = pacsv.read_csv(feeds.history_labs, convert_options=pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in LAB_NAMES}))
+    rows = list(zip(*(table.column(name).to_pylist() for name in LAB_NAMES), strict=True))
+    events = pacsv.read_csv(feeds.history_events, convert_options=pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in EVENT_NAMES}))
+    # the patients' demographics: FHIR names patients by reference, resolved through Patient resources
+    demographics = events.filter(pc.is_in(events.column("event_type"), pa.array(["birth_date", "sex"])))
+    facts = list(zip(*(demographics.column(name).to_pylist() for name in EVENT_NAMES), strict=True))
+    for fmt in missing:
+        if fmt == "hl7":
+            hl7.write_hl7(paths[fmt], rows)
+        elif fmt == "fhir":
+            fhir.write_bundle(paths[fmt], rows, facts)
+        else:
+            paths[fmt].mkdir(exist_ok=True)
+            fhir.write_ndjson(paths[fmt], rows, facts)
+    return paths

@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=100_000,
                         help="[ingest] chunk_size for the bench (rows a chunk)")
     parser.add_argument("--profile", action="store_true", help="cProfile every step into bench/out/prof/")
+    parser.add_argument("--formats-scale", default="100k",
+                        help="scale at which the labs are also ingested as HL7, a FHIR Bundle and NDJSON ('' = skip)")
     options = parser.parse_args()
     scales = [s.strip() for s in options.scales.split(",") if s.strip()]
     stores = [s.strip() for s in options.stores.split(",") if s.strip()]
@@ -122,6 +124,19 @@ def main() -> None:
                 print(f"{scale} {kind}: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in steps.items()), flush=True)
             finally:
                 store.drop()
+        if scale == options.formats_scale and "sqlite" in stores:
+            entry["formats"] = {}
+            csv_backfill = entry["stores"]["sqlite"]["backfill"]
+            written = run_step("write_formats", {"out": str(OUT), "rows": SCALES[scale]})["paths"]
+            for fmt, path in written.items():
+                store = Store("sqlite", f"{scale}-{fmt}")
+                try:
+                    entry["formats"][fmt] = run_step("ingest_format", args_for(store, scale, f"ingest-{fmt}",
+                                                                               path=str(path)))
+                finally:
+                    store.drop()
+            print(f"{scale} formats: csv labs+events {csv_backfill['ingest_s']:.1f}s, " + ", ".join(
+                f"{fmt} labs {r['seconds']:.1f}s" for fmt, r in entry["formats"].items()), flush=True)
         results["scales"][scale] = entry
     (ROOT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print_table(results, scales, stores)
@@ -150,6 +165,11 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for scale in scales:
+        for fmt, r in results["scales"][scale].get("formats", {}).items():
+            total = r["accepted"] + r["quarantined"]
+            print(f"ingest as {fmt} ({scale} lab rows, SQLite): {r['seconds']:.1f}s, "
+                  f"{total / max(r['seconds'], 1e-9) / 1000:.0f}k rows/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
     # evaluation slope: the backfill's evaluation is a full one (every patient is new)
     for kind in stores:
         cells = []

@@ -105,8 +105,31 @@ def evaluate_full(args: dict) -> dict:
     return {"seconds": seconds, "patients": evaluated["patients"], "findings": evaluated["findings"]}
 
 
+def ingest_format(args: dict) -> dict:
+    """The backfill's labs in another format (HL7 v2, a FHIR Bundle, FHIR NDJSON), ingested into a
+    fresh store: the reader's and parser's cost beside the CSV's."""
+    settings = _settings(args)
+    from bonewatch import pipeline
+
+    pipeline.engine_for(settings, migrate=True).dispose()
+    start = time.perf_counter()
+    ingested = pipeline.ingest(settings, [args["path"]])
+    return {"seconds": time.perf_counter() - start, "accepted": ingested.accepted,
+            "quarantined": ingested.quarantined, "failed_files": ingested.failed_files}
+
+
+def write_formats(args: dict) -> dict:
+    """Write the backfill's labs as HL7, a FHIR Bundle and NDJSON (untimed preparation, in its own
+    process so the bench driver stays small: a child's peak RSS counts its parent's before exec)."""
+    from bench.generate import generate, other_formats
+
+    paths = other_formats(generate(Path(args["out"]), int(args["rows"])))
+    return {"seconds": 0.0, "paths": {fmt: str(path) for fmt, path in paths.items()}}
+
+
 STEPS = {"duckdb": duckdb_reference, "backfill": backfill, "night": night, "rerun": rerun,
-         "evaluate_full": evaluate_full}
+         "evaluate_full": evaluate_full, "ingest_format": ingest_format,
+         "write_formats": write_formats}
 
 
 def main() -> None:

@@ -397,6 +397,7 @@ class _Entry:
     resource: object = None
     raw: str = ""
     bad: str = ""           # decided before mapping (not JSON, not UTF-8, entry without resource)
+    outputs: list | None = None   # already mapped (NDJSON maps each line as it reads it: no dicts kept)
 
 
 def _frame(rows: list[tuple[int, tuple[str, ...]]], columns: list[str]) -> pd.DataFrame:
@@ -432,7 +433,8 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
         if entry.bad:
             bad.append((entry.index, entry.raw, entry.bad))
             continue
-        for out in _resource_outputs(entry.resource, state):
+        outputs = entry.outputs if entry.outputs is not None else _resource_outputs(entry.resource, state)
+        for out in outputs:
             if out.kind == "bad":
                 bad.append((entry.index, _raw(entry.raw or entry.resource), out.fields[0]))
             else:
@@ -587,7 +589,9 @@ def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
                     registered = _register_patient(resource, "", state)
                     if registered:
                         patients.append((number, registered))
-                    entries.append(_Entry(number, resource, text[:_RAW_MAX]))
+                    # map now and keep the small output rows, not the resource's dict (the heavy part)
+                    entries.append(_Entry(number, None, text[:_RAW_MAX],
+                                          outputs=list(_resource_outputs(resource, state))))
             if len(entries) >= size:
                 yield from flush()
                 entries, patients = [], []
