@@ -21,6 +21,9 @@ class SourceUnreadable(BonewatchError):
     """An input file cannot be read at all (encoding, header, framing)."""
 
     def __init__(self, path, line: int | None, reason: str):
+        # one plain line that can be stored, whatever the reason quotes from the file (a line
+        # break, a NUL, a lone surrogate from a JSON escape)
+        reason = " ".join(str(reason).replace("\x00", " ").splitlines()).encode("utf-8", "replace").decode("utf-8")
         self.path, self.line, self.reason = str(path), line, reason
         where = f"{self.path}, line {line}" if line else self.path
         super().__init__(f"cannot read {where}: {reason}")

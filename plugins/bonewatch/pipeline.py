@@ -241,6 +241,7 @@ def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, receive
     import pandas as pd
 
     from bonewatch.ingest import feeds
+    from bonewatch.ingest.parsing import NOT_IN_A_REASON
 
     if kind == "labs":
         parsed = feeds.parse_labs(chunk.frame, settings, delivery_id, received_at)
@@ -250,16 +251,28 @@ def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, receive
         rows, rejected = parsed.rows, parsed.rejected
     elif kind == "patients":
         frame = chunk.frame
-        good = (frame["ref"] != "") & (frame["patient_id"] != "")
+        reasons = pd.Series("", index=frame.index, dtype=object)
+        too_long = ((frame["ref"].str.len() > feeds.REF_MAX) | (frame["patient_id"].str.len() > feeds.PATIENT_ID_MAX)
+                    | feeds.has_nul(frame, ["ref", "patient_id"]))
+        reasons[too_long.to_numpy(dtype=bool)] = "Patient id or identifier too long or holding a NUL character"
+        reasons[((frame["ref"] == "") | (frame["patient_id"] == "")).to_numpy(dtype=bool)] = \
+            "Patient without an identifier or id"
+        good = reasons == ""
         rows = pd.DataFrame({"ref": frame["ref"][good], "patient_id": frame["patient_id"][good],
                              "delivery_id": delivery_id})
-        rejected = pd.DataFrame({"line": frame.index[~good].astype("int64"),
-                                 "reason": "Patient without an identifier or id",
+        rejected = pd.DataFrame({"line": frame.index[~good].astype("int64"), "reason": reasons[~good].to_numpy(),
                                  "raw": feeds.raw_text(frame[~good], ["ref", "patient_id"]).to_numpy()})
     else:
         raise ValueError(f"unknown chunk kind {kind!r}")
     if chunk.bad_rows:
         rejected = pd.concat([rejected, pd.DataFrame(chunk.bad_rows, columns=["line", "raw", "reason"])])
+    if len(rejected):
+        # Reasons quote what was sent (a code, a date, an HL7 field), which may hold a line break
+        # (a JSON "\n", an HL7 \X0D\ escape) or a NUL: a quarantine reason is one line, and neither
+        # it nor the raw text may hold a NUL (PostgreSQL text cannot).
+        rejected = rejected.assign(
+            reason=rejected["reason"].astype(str).str.replace(NOT_IN_A_REASON, " ", regex=True),
+            raw=rejected["raw"].astype(str).str.replace("\x00", "\ufffd", regex=False))
     return rows, rejected
 
 
@@ -286,7 +299,7 @@ def _file_order(path: Path) -> tuple:
     from bonewatch.ingest import sources
 
     patients_first = 1
-    if path.name.lower().endswith((".ndjson", ".jsonl")) and sources.first_resource_type(path) == "Patient":
+    if path.name.lower().endswith(".ndjson") and sources.first_resource_type(path) == "Patient":
         patients_first = 0
     return (str(path.parent), patients_first, path.name)
 

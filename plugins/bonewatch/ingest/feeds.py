@@ -19,10 +19,15 @@ from bonewatch.ingest.parsing import (
     parse_numbers,
     parse_statuses,
 )
+from bonewatch.store.tables import lab_results, patient_refs
 from bonewatch.units import ANALYTES, LOINC, normalise_unit, unit_key_table
 
 LAB_COLUMNS = ["patient_id", "result_id", "loinc", "value", "unit", "collected_at", "status"]
 EVENT_COLUMNS = ["patient_id", "event_type", "occurred_at", "value", "detail"]
+#: the longest identifiers the store holds (longer ones are quarantined, not cut: cut, two could meet)
+PATIENT_ID_MAX = lab_results.c.patient_id.type.length
+RESULT_ID_MAX = lab_results.c.result_id.type.length
+REF_MAX = patient_refs.c.ref.type.length
 
 EVENT_TYPES = {
     "diagnosis", "birth_date", "sex", "weight_kg", "bisphosphonate_dose", "bisphosphonate_stop",
@@ -47,6 +52,14 @@ def raw_text(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
     if frame.empty:
         return pd.Series([], index=frame.index, dtype="object")
     return frame[columns].astype("string").fillna("").agg(",".join, axis=1)
+
+
+def has_nul(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Rows with a NUL character in one of `columns` (quarantined: no PostgreSQL text can hold it)."""
+    nul = np.zeros(len(frame), dtype=bool)
+    for column in columns:
+        nul |= frame[column].astype("string").str.contains("\x00", regex=False).fillna(False).to_numpy(dtype=bool)
+    return nul
 
 
 def _split(frame: pd.DataFrame, reasons: pd.Series, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -124,7 +137,10 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     status, r_status = parse_statuses(frame["status"])
     r_ids = pd.Series("", index=frame.index, dtype="object")
     r_ids[frame["result_id"] == ""] = "missing result_id"
+    r_ids[frame["result_id"].str.len() > RESULT_ID_MAX] = f"result_id longer than {RESULT_ID_MAX} characters"
     r_ids[frame["patient_id"] == ""] = "missing patient_id"
+    r_ids[frame["patient_id"].str.len() > PATIENT_ID_MAX] = f"patient_id longer than {PATIENT_ID_MAX} characters"
+    r_ids[has_nul(frame, LAB_COLUMNS)] = "NUL character in the row"
     value = number * factor
     canonical = pd.DataFrame({
         "result_id": frame["result_id"],
@@ -210,6 +226,8 @@ def parse_events(frame: pd.DataFrame, settings: Settings, delivery_id: str, rece
     unknown = ~frame["event_type"].isin(EVENT_TYPES)
     r_type[unknown] = "unknown event type '" + frame["event_type"][unknown].str.slice(0, 32) + "'"
     r_type[frame["patient_id"] == ""] = "missing patient_id"
+    r_type[frame["patient_id"].str.len() > PATIENT_ID_MAX] = f"patient_id longer than {PATIENT_ID_MAX} characters"
+    r_type[has_nul(frame, EVENT_COLUMNS)] = "NUL character in the row"
     latest = pd.Timestamp(received_at) + pd.Timedelta(days=1)
     occurred_at, occurred_date, r_date = parse_instants(frame["occurred_at"], settings.tz, latest)
     value, number, r_value = _event_values(frame)

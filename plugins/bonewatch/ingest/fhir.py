@@ -75,6 +75,9 @@ _ICD10_SHAPE = re.compile(r"^[A-Z]\d{2}(\.?[0-9A-Z]{1,4})?$")
 _CENSORED = re.compile(
     r"^\s*(?P<comparator><=|>=|<|>)?\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$")
 _RAW_MAX = 65536
+#: a JSON escape of a UTF-16 surrogate: alone (`"\ud800"`) it decodes to a string no UTF-8 text holds
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = "not valid Unicode text (a lone surrogate escape)"
 _NOT_FOUND = "subject reference not found in this file or earlier deliveries"
 
 
@@ -123,6 +126,26 @@ def _first_code(concept) -> str:
 
 def _quoted(code: str) -> str:
     return "'" + code[:32].replace("\n", " ").replace("\r", " ") + "'"
+
+
+def _lone_surrogate(value) -> bool:
+    """Does a parsed JSON value hold a lone surrogate (a `\\ud800` escape without its pair)? Such a
+    string cannot be encoded as UTF-8, so it can be neither stored nor shown. Iterative: the value
+    may be nested as deeply as the JSON parser allowed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _note(resource: dict) -> str:
@@ -533,7 +556,11 @@ def read_bundle(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
     state = _State.of(ctx)
     entries: list[_Entry] = []
     patients: list[tuple[int, tuple[str, str]]] = []
+    suspect = _SURROGATE_ESCAPE.search(text) is not None
     for number, item in enumerate(raw_entries, start=1):
+        if suspect and _lone_surrogate(item):
+            entries.append(_Entry(number, raw=json.dumps(item)[:_RAW_MAX], bad=_LONE_SURROGATE))   # ASCII escapes
+            continue
         if not isinstance(item, dict):
             entries.append(_Entry(number, raw=_raw(item), bad="entry is not a JSON object"))
             continue
@@ -586,12 +613,16 @@ def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
                     entries.append(_Entry(number, raw=text[:_RAW_MAX],
                                           bad="line is not JSON: nested too deeply or a number too long"))
                 else:
+                    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(resource):
+                        entries.append(_Entry(number, raw=text[:_RAW_MAX], bad=_LONE_SURROGATE))
+                        resource = None             # nothing of it is read
                     registered = _register_patient(resource, "", state)
                     if registered:
                         patients.append((number, registered))
                     # map now and keep the small output rows, not the resource's dict (the heavy part)
-                    entries.append(_Entry(number, None, text[:_RAW_MAX],
-                                          outputs=list(_resource_outputs(resource, state))))
+                    if resource is not None:
+                        entries.append(_Entry(number, None, text[:_RAW_MAX],
+                                              outputs=list(_resource_outputs(resource, state))))
             if len(entries) >= size:
                 yield from flush()
                 entries, patients = [], []

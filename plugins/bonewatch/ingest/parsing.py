@@ -15,6 +15,9 @@ import pandas as pd
 _OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 _NUMBER = r"^\s*(?P<censor>[<>]=?)?\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$"
 EARLIEST = pd.Timestamp("1900-01-01")
+#: what `str.splitlines` breaks a line at, and NUL (no PostgreSQL text holds it): a reason that
+#: quotes sent text shows each of them as a space, so that it stays one line that can be stored
+NOT_IN_A_REASON = "[\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]"
 
 STATUS_MAP = {
     "final": "final", "f": "final",
@@ -46,8 +49,9 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
     """
     text = raw.astype("string").str.strip().fillna("")
     # Years pandas cannot hold (before 1678, after 2262) would overflow its timestamps: they are
-    # out of range anyway, so set them aside before parsing.
-    year = pd.to_numeric(text.str.extract(r"^(\d{4})", expand=False), errors="coerce")
+    # out of range anyway, so set them aside before parsing. (ISO-8601 parsing reads a leading
+    # minus as a year before 1: "-1", "-0001-01-01".)
+    year = pd.to_numeric(text.str.extract(r"^(\d{4}|-\d+)", expand=False), errors="coerce")
     out_of_bounds = (year.notna() & ((year < 1700) | (year > 2200))).to_numpy()
     sent = text
     text = text.mask(out_of_bounds, "")

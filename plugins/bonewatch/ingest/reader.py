@@ -8,6 +8,7 @@ columns) raises SourceUnreadable naming the file and the first bad line.
 from __future__ import annotations
 
 import codecs
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,7 +80,13 @@ def _unreadable(path: Path, exc: pa.ArrowInvalid) -> SourceUnreadable:
     undecodable = _first_undecodable_line(path)
     if "UTF8" in str(exc).upper() or undecodable:
         return SourceUnreadable(path, undecodable or None, "not UTF-8 text")
-    return SourceUnreadable(path, None, str(exc).splitlines()[0][:200])
+    # pyarrow's message may quote the row ("Expected 7 columns, got 8: <the row>"): the row can hold
+    # a patient identifier, and errors are logged and emailed. Keep the description, not the row.
+    text = str(exc).splitlines()[0] if str(exc) else "CSV parse error"
+    row = re.search(r"Row #(\d+)", text)
+    described = re.match(r"(.*?got \d+)", text)
+    reason = described.group(1) if described else text.split(":", 1)[0]
+    return SourceUnreadable(path, int(row.group(1)) if row else None, reason[:200])
 
 
 def _read(path: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:

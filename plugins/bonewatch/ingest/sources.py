@@ -76,7 +76,7 @@ def detect_format(path: Path) -> str:
         return "events_csv" if "event_type" in header else "labs_csv"
     if name.endswith((".hl7", ".oru", ".hl7v2")):
         return "hl7"
-    if name.endswith((".ndjson", ".jsonl")):
+    if name.endswith(".ndjson"):
         return "fhir_ndjson"
     if name.endswith(".json"):
         return "fhir_bundle"
