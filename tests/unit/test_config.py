@@ -44,6 +44,11 @@ def test_clinical_limits_change_every_rule_version(tmp_path):
     ("[rules.HYPOCALCEMIA]\nwhen = 'below {nothing}'\n", "configuration key rules.HYPOCALCEMIA.when: unknown placeholder 'nothing'"),
     ("[sitee]\nname = 'x'\n", "configuration key sitee: Extra inputs are not permitted"),
     ("[site\n", "is not valid TOML"),
+    ("[ingest.unit_aliases]\n'mcg/L' = 'furlongs'\n", "configuration key ingest.unit_aliases: Value error, unit alias 'mcg/L' points to 'furlongs'"),
+    ("[ingest.snomed_map]\n'123' = 'tea_party'\n", "configuration key ingest.snomed_map: Value error, SNOMED CT code '123' maps to 'tea_party'"),
+    ("[sources.lis]\ntable = 'labs; DROP TABLE x'\nwatermark = 'v'\n", "configuration key sources.lis.table: Value error, expected a plain"),
+    ("[sources.lis]\ntable = 'labs'\nwatermark = 'v'\n[sources.lis.columns]\nmrn = 'x'\n", "'mrn' is not a lab column"),
+    ("[sources.lis]\ntable = 'labs'\n", "configuration key sources.lis.watermark: Field required"),
 ])
 def test_bad_configuration_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as error:
