@@ -88,6 +88,19 @@ def test_urine_albumin_due(result_day, as_of, fires):
     assert ("URINE_ALBUMIN_DUE" in rules_fired(h, as_of)) is fires
 
 
+@pytest.mark.parametrize("result_day", [None, "2025-01-20"])
+def test_urine_albumin_due_evidence_does_not_depend_on_the_night(result_day):
+    """Incremental nights carry a finding over without recomputing it: its words come from the data."""
+    h = monthly(History().person("p1").event("p1", "dental_exam", "2024-12-01"), "2025-01-05", 8)
+    if result_day:
+        h.event("p1", "albuminuria_mg_24h", result_day, "120")
+    (first,) = rules_fired(h, "2025-07-25")["URINE_ALBUMIN_DUE"]
+    (later,) = rules_fired(h, "2025-08-20")["URINE_ALBUMIN_DUE"]
+    assert first.alert_id == later.alert_id and first.evidence == later.evidence
+    assert ("the last urine albumin result was on 2025-01-20" if result_day else "no urine albumin result on file") \
+        in first.evidence["summary"]
+
+
 def test_urine_albumin_spot_test_counts():
     h = monthly(History().person("p1").event("p1", "dental_exam", "2024-12-01"), "2025-01-05", 8)
     h.lab("p1", "urine_albumin_spot", "2025-06-01", 20)

@@ -101,9 +101,11 @@ def check_urine_albumin_due(facts: Facts, settings: Settings) -> list[Finding]:
             due = max(due, add_months(last, months) + pd.Timedelta(days=1))
         findings.append(finding(settings, "URINE_ALBUMIN_DUE", row.patient_id, f"course {iso(row.start)}; due {iso(due)}",
                                 due, {
-            "summary": (f"On a bisphosphonate since {iso(row.start)} with no urine albumin result since "
-                        f"{iso(window_start)}" + (f" (the last was on {iso(last)})." if last is not None
-                                                  else " (none on file).")),
+            # worded from the data, not from the night: under incremental evaluation the same
+            # finding is carried over nights without being recomputed
+            "summary": (f"On a bisphosphonate since {iso(row.start)}; " + (
+                f"the last urine albumin result was on {iso(last)}, none in the {months} months since."
+                if last is not None else f"no urine albumin result on file ({months}-monthly check).")),
             "course_start": iso(row.start), "last_result": iso(last), "window_months": months,
         }))
     return findings
