@@ -325,7 +325,9 @@ def _message_rows(group: list[tuple[int, str]]) -> tuple[list[tuple[int, tuple]]
         message = hl7.parse("\r".join(text for _, text in group))
         fields = _Fields(message)
     except Exception as exc:  # any parser failure quarantines the message, never the run
-        detail = (str(exc).splitlines() or [""])[0]
+        # python-hl7's own ParseException describes the structure; any other exception's text
+        # may quote a field (patient data): name its type only
+        detail = (str(exc).splitlines() or [""])[0] if isinstance(exc, hl7.ParseException) else ""
         reason = f"the HL7 message cannot be parsed ({type(exc).__name__}{': ' + detail if detail else ''})"
         return [], [(msh_line, msh_text, reason[:200])]
     segments = list(zip(group, message, strict=False))
