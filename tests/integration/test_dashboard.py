@@ -128,6 +128,9 @@ def test_late_and_missing_feeds_reach_the_data_team_and_the_dashboard(engine, qu
         main(["dashboard", "--out", str(out)])               # BONEWATCH_DATABASE_URL: this store
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"dashboard: {out / 'index.html'}"
+    # plotly.js is written once beside the pages, not inlined into each (4.8 MB a page before)
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    assert max(p.stat().st_size for p in out.glob("*.html")) < 500_000
 
     page, session = open_offline(browser, out / "index.html")
     try:

@@ -100,5 +100,5 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
             stale.unlink()
     for name, html in rendered.items():
         (out / name).write_text(html, "utf-8")
-    log.info("dashboard: %d page(s), %d validation run(s) in %s", len(rendered), len(validations), out)
+    log.info("dashboard: %d file(s), %d validation run(s) in %s", len(rendered), len(validations), out)
     return out / "index.html"

@@ -437,8 +437,12 @@ def latest_ack(data: DashboardData) -> dict[str, Any]:
 
 # ---- pages -------------------------------------------------------------------------------------
 
+#: plotly.js, written once beside the pages (a relative <script src>: opens from disk, no network)
+PLOTLY_FILE = "plotly.min.js"
+
+
 def render(data: DashboardData) -> dict[str, str]:
-    """Every page of the dashboard: file name -> HTML."""
+    """Every file of the dashboard: file name -> text (the HTML pages and the shared plotly.js)."""
     env = _environment()
     latest = data.nights[-1] if data.nights else None
     common = {"site": data.site, "timezone": data.timezone, "generated_at": data.generated_at,
@@ -447,8 +451,8 @@ def render(data: DashboardData) -> dict[str, str]:
               "css": _css(), "rag_colours": RAG_COLOURS, "rag_symbols": RAG_SYMBOLS, "rag_words": RAG_WORDS,
               "thresholds": data.thresholds, "datadocs_index": data.datadocs_index,
               "deadlines": data.deadlines, "status_labels": STATUS_LABELS}
-    plotly = _plotly_js()
-    pages = {}
+    plotly = PLOTLY_FILE
+    pages = {PLOTLY_FILE: _plotly_js()}
     status = status_rows(data, latest) if latest else []
     counts = {colour: sum(1 for s in status if s["rag"] == colour) for colour in RAG_COLOURS}
     pages["index.html"] = env.get_template("index.html.j2").render(
