@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -26,13 +27,13 @@ def clean_env(monkeypatch, tmp_path):
     yield
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A throwaway PostgreSQL database for this test session (and xdist worker).
+@contextmanager
+def throwaway_pg_database(prefix: str):
+    """Create a PostgreSQL database, yield its URL, drop it.
 
     PostgreSQL is part of the test contract: when it cannot be reached this fails, never skips.
     """
-    name = f"bonewatch_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
@@ -43,6 +44,13 @@ def pg_database():
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A throwaway PostgreSQL database for this test session (and xdist worker)."""
+    with throwaway_pg_database("bonewatch_test") as url:
+        yield url
 
 
 def _reset_pg(url: str) -> None:

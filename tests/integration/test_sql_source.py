@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from datetime import date
 
 import psycopg
@@ -17,7 +16,7 @@ from sqlalchemy import select
 from bonewatch import pipeline
 from bonewatch.config import load_settings
 from bonewatch.store.tables import deliveries, lab_results, quarantine, source_watermarks
-from tests.conftest import PG_ADMIN
+from tests.conftest import throwaway_pg_database
 
 pytestmark = pytest.mark.postgres
 
@@ -48,25 +47,13 @@ INSERT = ("INSERT INTO reporting.bone_labs (mrn, result_id, loinc_code, value, u
 @pytest.fixture
 def lis(monkeypatch, tmp_path):
     """A throwaway PostgreSQL database standing in for the hospital's reporting database."""
-    name = f"bonewatch_lis_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required by the tests and unreachable: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    conn = psycopg.connect(url, autocommit=True)
-    conn.execute(SCHEMA)
-    config = tmp_path / "bonewatch.toml"
-    config.write_text(CONFIG, encoding="utf-8")
-    monkeypatch.setenv("BONEWATCH_CONFIG", str(config))
-    monkeypatch.setenv("BONEWATCH_LIS_URL", url.replace("postgresql://", "postgresql+psycopg://"))
-    try:
+    with throwaway_pg_database("bonewatch_lis") as url, psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        config = tmp_path / "bonewatch.toml"
+        config.write_text(CONFIG, encoding="utf-8")
+        monkeypatch.setenv("BONEWATCH_CONFIG", str(config))
+        monkeypatch.setenv("BONEWATCH_LIS_URL", url.replace("postgresql://", "postgresql+psycopg://"))
         yield conn
-    finally:
-        conn.close()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _results(engine) -> dict[str, tuple]:
