@@ -63,7 +63,8 @@ def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> N
     \b
     A typical night:
       bonewatch db upgrade                  create or migrate the store
-      bonewatch ingest inbox/2025-06-30     load the night's lab and event files
+      bonewatch ingest inbox/2025-06-30     load the night's files (CSV, HL7 v2, FHIR)
+      bonewatch pull                        read new rows from the SQL sources, if any
       bonewatch evaluate --as-of 2025-06-30 run every rule as of that night
       bonewatch notify                      email the digests the outbox holds
     or all of it at once: bonewatch nightly --as-of 2025-06-30
