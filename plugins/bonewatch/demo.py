@@ -90,6 +90,8 @@ def run(settings: Settings, folder: Path, *, patients: int = 60, nights: int = 3
         "  list them with: BONEWATCH_DATABASE_URL=sqlite:///" + str(folder / "bonewatch.db") + " .venv/bin/bonewatch alerts",
         "  open the emails' acknowledgement links: BONEWATCH_DATABASE_URL=sqlite:///" + str(folder / "bonewatch.db")
         + f" BONEWATCH_ACK_SECRET={DEMO_ACK_SECRET} .venv/bin/bonewatch serve",
+        "  the same cohort as HL7 v2 or FHIR: .venv/bin/bonewatch synth --format hl7|fhir|ndjson --out DIR,"
+        " then bonewatch ingest DIR/history",
     ]
 
 
