@@ -268,3 +268,32 @@ def test_callbacks_never_raise_when_smtp_is_down(monkeypatch):
     orchestration.email_data_team_on_failure({"exception": RuntimeError("boom")})
     orchestration.email_data_team_on_run_failure({"reason": "timed_out"})
 
+
+
+def test_unreachable_sql_source_retries_then_reports_without_blocking_the_night(store, tmp_path, monkeypatch):
+    """The ingest_sql task body: an unreachable source raises while Airflow has retries left (so
+    it retries with back-off), and on the last try returns the failure for check_deliveries and
+    still moves the feed's asset on, so the other feeds' alerts are not held back."""
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.lis_db]\nurl_env = "BONEWATCH_LIS_URL"\ntable = "labs"\nwatermark = "v"\n',
+                      encoding="utf-8")
+    monkeypatch.setenv("BONEWATCH_CONFIG", str(config))
+    monkeypatch.setenv("BONEWATCH_LIS_URL", "postgresql+psycopg://reader:s3cret@127.0.0.1:1/lab?connect_timeout=2")
+    asset = orchestration.FEED_ASSETS["sql"]
+
+    def context(try_number: int) -> dict:
+        return {"dag_run": SimpleNamespace(conf={"partition": NIGHT}, run_after=None), "logical_date": None,
+                "ti": SimpleNamespace(try_number=try_number, max_tries=3),
+                "outlet_events": {asset: SimpleNamespace(extra=None)}}
+
+    early = context(1)
+    with pytest.raises(RuntimeError, match="lis_db") as raised:
+        orchestration.ingest_feed("sql", early)
+    assert "s3cret" not in str(raised.value)
+    assert early["outlet_events"][asset].extra is None          # no asset event from a failed try
+
+    last = context(4)
+    summary = orchestration.ingest_feed("sql", last)
+    assert (summary["feed"], summary["partition"], summary["failed_files"]) == ("sql", NIGHT, 1)
+    assert last["outlet_events"][asset].extra == {"partition": NIGHT}
+    assert "lis_db" in orchestration.failed_deliveries([summary]) and "s3cret" not in str(summary)
