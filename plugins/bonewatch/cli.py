@@ -141,7 +141,7 @@ def pull(ctx: click.Context, sources: tuple[str, ...], partition: str | None) ->
     """
     from bonewatch import pipeline
 
-    summary = pipeline.pull(_settings(ctx), sources or None, partition=partition)
+    summary = pipeline.pull(_settings(ctx), sources or None, partition=partition, progress=sys.stderr.isatty())
     _report_ingest(ctx, summary, "source(s)")
 
 

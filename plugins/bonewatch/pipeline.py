@@ -359,10 +359,26 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
     return summary
 
 
-def pull(settings: Settings, names: Iterable[str] | None = None, *, partition: str | None = None) -> IngestSummary:
+def pull(settings: Settings, names: Iterable[str] | None = None, *, partition: str | None = None,
+         progress: bool = False) -> IngestSummary:
     """Pull the new rows of the configured SQL sources (`[sources.*]`), each above its high-water
     mark, in one transaction with the mark. A source that cannot be reached is reported (one line,
     no password) and the others still load; its rows come on the next pull."""
+    wanted = list(names) if names is not None else sorted(settings.sources)
+    unknown = [name for name in wanted if name not in settings.sources]
+    if unknown:
+        raise BonewatchError(f"no SQL source named {unknown[0]!r} in the configuration ([sources.*])")
+    engine = engine_for(settings)
+    summary = IngestSummary()
+    with _progress(progress, "pull", len(wanted)) as advance:
+        for name in wanted:
+            _pull_one(engine, settings, name, partition, summary)
+            advance()
+    return summary
+
+
+def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | None, summary: IngestSummary) -> None:
+    """One SQL source: read above its mark and add what it loaded to `summary`."""
     import itertools
 
     from bonewatch.errors import SourceUnavailable
@@ -370,53 +386,43 @@ def pull(settings: Settings, names: Iterable[str] | None = None, *, partition: s
     from bonewatch.store import writes
     from bonewatch.store.tables import deliveries
 
-    wanted = list(names) if names is not None else sorted(settings.sources)
-    unknown = [name for name in wanted if name not in settings.sources]
-    if unknown:
-        raise BonewatchError(f"no SQL source named {unknown[0]!r} in the configuration ([sources.*])")
-    engine = engine_for(settings)
-    summary = IngestSummary()
-    for name in wanted:
-        source = settings.sources[name]
-        summary.files += 1
-        with engine.connect() as conn:
-            stored = writes.load_watermark(conn, name)
-        after = sqlsource.Mark.load(*stored) if stored else None
-        state: dict = {}
-        received_at = _now()
-        base = {"feed": name, "file_name": f"sql:{source.table}"[:512], "fmt": "sql", "partition": partition,
-                "received_at": received_at}
-        try:
-            items = sqlsource.read_sql(name, source, sqlsource.source_engine(name, source), after, state)
-            first = next(items, None)
-            if first is None:
-                if partition is not None:
-                    with engine.begin() as conn:
-                        seen = conn.execute(_delivery_of_night(deliveries, name, partition)).first()
-                        if seen is None:
-                            writes.record_delivery(conn, {
-                                **base, "delivery_id": sqlsource.delivery_id(name, after, partition),
-                                "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
-                                "expectations_passed": 0, "expectations_failed": 0, "units": "{}",
-                                "status": "loaded", "error": None})
-                log.info("pulled %s: nothing new", name)
-                continue
+    source = settings.sources[name]
+    summary.files += 1
+    with engine.connect() as conn:
+        stored = writes.load_watermark(conn, name)
+    after = sqlsource.Mark.load(*stored) if stored else None
+    state: dict = {}
+    base = {"feed": name, "file_name": f"sql:{source.table}"[:512], "fmt": "sql", "partition": partition,
+            "received_at": _now()}
+    try:
+        items = sqlsource.read_sql(name, source, sqlsource.source_engine(name, source), after, state)
+        first = next(items, None)
+        if first is None:
+            if partition is not None:
+                with engine.begin() as conn:
+                    if conn.execute(_delivery_of_night(deliveries, name, partition)).first() is None:
+                        writes.record_delivery(conn, {
+                            **base, "delivery_id": sqlsource.delivery_id(name, after, partition),
+                            "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
+                            "expectations_passed": 0, "expectations_failed": 0, "units": "{}",
+                            "status": "loaded", "error": None})
+            log.info("pulled %s: nothing new", name)
+            return
 
-            def finish(conn, state=state, name=name) -> None:
-                writes.save_watermark(conn, {"source": name, "watermark": state["mark"].text(),
-                                             "kind": state["mark"].kind, "rows_read": state["rows"],
-                                             "updated_at": _now()})
+        def finish(conn) -> None:
+            writes.save_watermark(conn, {"source": name, "watermark": state["mark"].text(),
+                                         "kind": state["mark"].kind, "rows_read": state["rows"],
+                                         "updated_at": _now()})
 
-            ledger = {**base, "delivery_id": sqlsource.delivery_id(name, after)}
-            accepted, quarantined, _ = _load(engine, settings, itertools.chain([first], items), ledger, finish)
-            summary.accepted += accepted
-            summary.quarantined += quarantined
-            log.info("pulled %s: %d accepted, %d quarantined", name, accepted, quarantined)
-        except SourceUnavailable as exc:
-            summary.failed_files += 1
-            summary.errors.append(str(exc))
-            log.warning("%s", exc)
-    return summary
+        ledger = {**base, "delivery_id": sqlsource.delivery_id(name, after)}
+        accepted, quarantined, _ = _load(engine, settings, itertools.chain([first], items), ledger, finish)
+        summary.accepted += accepted
+        summary.quarantined += quarantined
+        log.info("pulled %s: %d accepted, %d quarantined", name, accepted, quarantined)
+    except SourceUnavailable as exc:
+        summary.failed_files += 1
+        summary.errors.append(str(exc))
+        log.warning("%s", exc)
 
 
 def _delivery_of_night(deliveries, feed: str, partition: str):
