@@ -19,6 +19,14 @@ from pathlib import Path
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS. Linux's `ru_maxrss` survives exec, so a step started by a driver
+    that had grown large would report the driver's peak; VmHWM belongs to this process image."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024                        # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
