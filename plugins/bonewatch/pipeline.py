@@ -293,6 +293,12 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, fmt: str, deliv
     return _load(engine, settings, sources.read(path, fmt, ctx), ledger)
 
 
+def _empty_ledger_row(base: dict, delivery_id: str, status: str, error: str | None = None) -> dict:
+    """A ledger row with no rows: a file that could not be read, or a pull with nothing new."""
+    return {**base, "delivery_id": delivery_id, "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
+            "expectations_passed": 0, "expectations_failed": 0, "units": "{}", "status": status, "error": error}
+
+
 def _file_order(path: Path) -> tuple:
     """Folders load in name order, except that FHIR Patient exports go first: the other resources
     of the same export name their patient by a reference only a Patient resolves."""
@@ -349,12 +355,10 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                 summary.errors.append(str(exc))
                 log.warning("%s", exc)
                 with engine.begin() as conn:
-                    writes.record_delivery(conn, {
-                        "delivery_id": file_digest(path), "feed": "unknown", "file_name": path.name,
-                        "fmt": path.suffix.lstrip(".")[:16] or "?", "partition": partition,
-                        "received_at": _now(), "rows_total": 0, "rows_accepted": 0,
-                        "rows_quarantined": 0, "expectations_passed": 0, "expectations_failed": 0,
-                        "units": "{}", "status": "failed", "error": str(exc)[:1000]})
+                    writes.record_delivery(conn, _empty_ledger_row(
+                        {"feed": "unknown", "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
+                         "partition": partition, "received_at": _now()},
+                        file_digest(path), "failed", str(exc)[:1000]))
             advance()
     return summary
 
@@ -384,7 +388,6 @@ def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | No
     from bonewatch.errors import SourceUnavailable
     from bonewatch.ingest import sqlsource
     from bonewatch.store import writes
-    from bonewatch.store.tables import deliveries
 
     source = settings.sources[name]
     summary.files += 1
@@ -400,12 +403,9 @@ def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | No
         if first is None:
             if partition is not None:
                 with engine.begin() as conn:
-                    if conn.execute(_delivery_of_night(deliveries, name, partition)).first() is None:
-                        writes.record_delivery(conn, {
-                            **base, "delivery_id": sqlsource.delivery_id(name, after, partition),
-                            "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
-                            "expectations_passed": 0, "expectations_failed": 0, "units": "{}",
-                            "status": "loaded", "error": None})
+                    if not writes.delivered_on_night(conn, name, partition):
+                        writes.record_delivery(conn, _empty_ledger_row(
+                            base, sqlsource.delivery_id(name, after, partition), "loaded"))
             log.info("pulled %s: nothing new", name)
             return
 
@@ -423,13 +423,6 @@ def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | No
         summary.failed_files += 1
         summary.errors.append(str(exc))
         log.warning("%s", exc)
-
-
-def _delivery_of_night(deliveries, feed: str, partition: str):
-    from sqlalchemy import select
-
-    return select(deliveries.c.delivery_id).where(deliveries.c.feed == feed,
-                                                  deliveries.c.partition == partition).limit(1)
 
 
 def partition_paths(settings: Settings, night: date) -> list[Path]:

@@ -66,14 +66,18 @@ def _peek(path: Path, size: int = 4096) -> bytes:
         return handle.read(size)
 
 
+def _csv_format(header: bytes) -> str:
+    """A CSV delivery's feed from its header row: events carry `event_type`, labs do not."""
+    return "events_csv" if b"event_type" in header.lower() else "labs_csv"
+
+
 def detect_format(path: Path) -> str:
     """The format of a delivery, from its name and, where the name is not enough, its content."""
     name = path.name.lower()
     if name.endswith(".events.csv"):
         return "events_csv"
     if name.endswith(".csv"):
-        header = _peek(path).split(b"\n", 1)[0].decode("utf-8", "replace").lower()
-        return "events_csv" if "event_type" in header else "labs_csv"
+        return _csv_format(_peek(path).split(b"\n", 1)[0])
     if name.endswith((".hl7", ".oru", ".hl7v2")):
         return "hl7"
     if name.endswith(".ndjson"):
@@ -90,8 +94,9 @@ def detect_format(path: Path) -> str:
             return "fhir_ndjson"      # a whole JSON object on the first line: one resource a line
         except ValueError:
             return "fhir_bundle"
-    if b"patient_id" in head.split(b"\n", 1)[0].lower():
-        return "events_csv" if b"event_type" in head.split(b"\n", 1)[0].lower() else "labs_csv"
+    header = head.split(b"\n", 1)[0]
+    if b"patient_id" in header.lower():
+        return _csv_format(header)
     raise SourceUnreadable(path, None, f"unsupported format (expected {SUFFIXES})")
 
 

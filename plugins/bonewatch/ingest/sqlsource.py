@@ -92,8 +92,6 @@ def _text(values: pd.Series) -> pd.Series:
             return ""
         if isinstance(value, datetime | date):
             return value.isoformat()
-        if isinstance(value, float) and value.is_integer():
-            return str(value)
         return str(value)
 
     return values.map(render).astype(object)

@@ -321,6 +321,12 @@ def delivery_status(conn: Connection, delivery_id: str) -> str | None:
     return conn.execute(select(deliveries.c.status).where(deliveries.c.delivery_id == delivery_id)).scalar()
 
 
+def delivered_on_night(conn: Connection, feed: str, partition: str) -> bool:
+    """Whether the ledger holds any delivery of this feed for this night."""
+    return conn.execute(select(deliveries.c.delivery_id).where(
+        deliveries.c.feed == feed, deliveries.c.partition == partition).limit(1)).first() is not None
+
+
 def record_delivery(conn: Connection, row: dict) -> None:
     stmt = _insert(conn, deliveries)
     stmt = stmt.on_conflict_do_update(index_elements=["delivery_id"],
