@@ -49,12 +49,17 @@ LAB_TEXT = ["result_id", "patient_id", "analyte", "censor", "unit", "status"]
 EVENT_TEXT = ["patient_id", "event_type", "value", "detail"]
 
 
+def _plain_text(column: pd.Series) -> bool:
+    """Already `str` without missing values (as the store's reads return text): nothing to do."""
+    return column.dtype == "str" and not column.isna().any()
+
+
 def _normalise(frame: pd.DataFrame, text: list[str]) -> pd.DataFrame:
     """One string dtype for text columns and plain floats/timestamps, whatever the caller built
     the frame with (store reads, parsed chunks, tests): merges between derived frames then line up."""
     frame = frame.copy()
     for column in text:
-        if column in frame.columns:
+        if column in frame.columns and not _plain_text(frame[column]):
             frame[column] = frame[column].astype("object").where(frame[column].notna(), "").astype("str")
     if "value" in frame.columns and "analyte" in frame.columns:
         frame["value"] = frame["value"].astype("float64")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from bonewatch.config import Settings
@@ -27,20 +28,24 @@ def check_reviews(facts: Facts, settings: Settings) -> list[Finding]:
     due1 = courses["start"] + pd.DateOffset(months=m1)
     due2 = courses["start"] + pd.DateOffset(months=m2)
     courses = courses.assign(due1=due1, due2=due2)[due1 <= as_of]
+    # the latest response and bone-disease status joined on, not looked up a course at a time
     responses, bone = latest_status(facts, "response"), latest_status(facts, "bone_disease")
+    courses = courses.join(responses.add_prefix("response_"), on="patient_id").join(
+        bone.add_prefix("bone_"), on="patient_id")
+    second = as_of >= courses["due2"]
+    courses = courses.assign(rule=np.where(second, "REVIEW_2Y", "REVIEW_1Y"), months=np.where(second, m2, m1),
+                             due=courses["due2"].where(second, courses["due1"]))
     findings = []
     for row in courses.itertuples(index=False):
-        rule, months, due = ("REVIEW_2Y", m2, row.due2) if as_of >= row.due2 else ("REVIEW_1Y", m1, row.due1)
-        response = responses.loc[row.patient_id] if row.patient_id in responses.index else None
-        disease = bone.loc[row.patient_id] if row.patient_id in bone.index else None
-        said_response = f"{response['value']} ({iso(response['day'])})" if response is not None else "not recorded"
-        said_bone = f"{disease['value']} ({iso(disease['day'])})" if disease is not None else "not recorded"
-        findings.append(finding(settings, rule, row.patient_id, f"course {iso(row.start)}", due, {
-            "summary": (f"The bisphosphonate course that began {iso(row.start)} reached {months} months on "
-                        f"{iso(due)}. Latest response: {said_response}; bone disease: {said_bone}."),
-            "course_start": iso(row.start), "due": iso(due), "last_dose": iso(row.last_dose),
-            "response": None if response is None else {"value": response["value"], "date": iso(response["day"])},
-            "bone_disease": None if disease is None else {"value": disease["value"], "date": iso(disease["day"])},
+        response = None if pd.isna(row.response_day) else {"value": row.response_value, "date": iso(row.response_day)}
+        disease = None if pd.isna(row.bone_day) else {"value": row.bone_value, "date": iso(row.bone_day)}
+        said_response = f"{response['value']} ({response['date']})" if response is not None else "not recorded"
+        said_bone = f"{disease['value']} ({disease['date']})" if disease is not None else "not recorded"
+        findings.append(finding(settings, row.rule, row.patient_id, f"course {iso(row.start)}", row.due, {
+            "summary": (f"The bisphosphonate course that began {iso(row.start)} reached {row.months} months on "
+                        f"{iso(row.due)}. Latest response: {said_response}; bone disease: {said_bone}."),
+            "course_start": iso(row.start), "due": iso(row.due), "last_dose": iso(row.last_dose),
+            "response": response, "bone_disease": disease,
             "missing": ", ".join(k for k, v in (("response", response), ("bone-disease status", disease))
                                  if v is None) or None,
         }))
