@@ -159,6 +159,8 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
                 elif step in ("night", "rerun"):
                     note = (f"ingest {r['ingest_s']:.1f}s + evaluate {r['evaluate_s']:.1f}s "
                             f"({r['patients']} patients re-evaluated)")
+                if (parts := r.get("evaluate_parts")) and r.get("patients"):
+                    note += " [evaluate: " + ", ".join(f"{part} {value:.1f}s" for part, value in parts.items()) + "]"
                 rows.append((scale, kind, step, entry["rows"] if step != "night" else entry["night_rows"],
                              r.get("patients", ""), f"{r['seconds']:.2f}", f"{r['seconds'] / floor:.1f}",
                              f"{r['peak_rss_mib']:.0f}", note))

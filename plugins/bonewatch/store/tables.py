@@ -63,9 +63,7 @@ lab_results = Table(
     Column("status_rank", Integer, nullable=False),
     Column("delivery_id", String(64), nullable=False),
     Column("source_line", Integer, nullable=False),
-    # covering: the evaluation reads a patient's history from the index alone (migration 0007)
-    Index("ix_lab_results_patient", "patient_id", "analyte", "collected_date", "collected_at", "value", "censor",
-          "status", "unit", "result_id"),
+    Index("ix_lab_results_patient", "patient_id", "analyte", "collected_date"),
 )
 
 clinical_events = Table(
@@ -80,9 +78,7 @@ clinical_events = Table(
     Column("detail", String(256), nullable=False, default=""),
     Column("delivery_id", String(64), nullable=False),
     Column("source_line", Integer, nullable=False),
-    # covering, as for lab results (migration 0007)
-    Index("ix_clinical_events_patient", "patient_id", "event_type", "occurred_date", "occurred_at", "value",
-          "detail"),
+    Index("ix_clinical_events_patient", "patient_id", "event_type", "occurred_date"),
 )
 
 quarantine = Table(
