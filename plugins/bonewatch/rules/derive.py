@@ -77,7 +77,10 @@ def prepare(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Set
     labs = labs[(labs["collected_day"] <= cutoff) & labs["status"].isin(list(USABLE))]
     labs = labs.sort_values(["patient_id", "collected_at", "result_id"], kind="stable").reset_index(drop=True)
     events = events.assign(day=_dates(events["occurred_date"]))
-    events = events[events["day"] <= cutoff].sort_values(["patient_id", "occurred_at", "event_type"], kind="stable")
+    # value and detail break ties between events of one type at one instant (two weights at the same
+    # time): the result never depends on the order the rows came in
+    events = events[events["day"] <= cutoff].sort_values(["patient_id", "occurred_at", "event_type", "value", "detail"],
+                                                         kind="stable")
     events = events.reset_index(drop=True)
     doses, courses = build_courses(events, cutoff, settings)
     scr = creatinine_clearance(labs, events, settings)
@@ -185,7 +188,9 @@ def creatinine_clearance(labs: pd.DataFrame, events: pd.DataFrame, settings: Set
     else:
         # "within 90 days before": by calendar day, the weight's day may equal the creatinine's.
         left = scr.sort_values("collected_day")
-        right = weights.sort_values(["w_day", "w_at"]).drop_duplicates(["patient_id", "w_day"], keep="last")
+        # the day's latest weight; two at the same instant: the lower (the lower CrCl, the cautious reading)
+        right = weights.sort_values(["w_day", "w_at", "weight_kg"], ascending=[True, True, False],
+                                    kind="stable").drop_duplicates(["patient_id", "w_day"], keep="last")
         merged = pd.merge_asof(left, right[["patient_id", "w_day", "weight_kg"]], left_on="collected_day",
                                right_on="w_day", by="patient_id",
                                tolerance=pd.Timedelta(days=settings.clinical.weight_window_days))
