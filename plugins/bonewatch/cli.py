@@ -120,7 +120,11 @@ def ingest(ctx: click.Context, paths: tuple[str, ...], partition: str | None, fe
 
 
 def _report_ingest(ctx: click.Context, summary, noun: str) -> None:
-    click.echo(f"{summary.files} {noun}: {summary.accepted} rows accepted, {summary.quarantined} quarantined"
+    for loaded in summary.per_file:
+        click.echo(f"  {loaded['file']}: {loaded['accepted']} accepted, {loaded['not_monitored']} not monitored, "
+                   f"{loaded['quarantined']} quarantined")
+    click.echo(f"{summary.files} {noun}: {summary.accepted} rows accepted, {summary.not_monitored} not monitored, "
+               f"{summary.quarantined} quarantined"
                + (f", {summary.skipped_files} already ingested" if summary.skipped_files else "")
                + (f", {summary.failed_files} unreadable" if summary.failed_files else ""))
     for error in summary.errors:
@@ -353,6 +357,50 @@ def explain(ctx: click.Context, alert_id: str) -> None:
             raise NotFound(f"no alert {alert_id}")
         courses = courses_of(conn, rows[0]["patient_id"])
     click.echo(explain_alert(rows[0], settings, courses))
+
+
+@cli.command()
+@click.option("--all", "everything", is_flag=True,
+              help="Every code seen: also the LOINC codes not monitored, the ignored and the mapped ones.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def codes(ctx: click.Context, everything: bool, fmt: str) -> None:
+    """List the codes whose results were skipped rather than stored (SPEC 2.5).
+
+    \b
+    unmapped       a local code missing from [ingest.code_map]: map it to a LOINC there,
+                   or list it in [ingest] ignore_codes if the hospital does not need it
+    not_monitored  a valid LOINC of an analyte bonewatch does not use (a CBC's haemoglobin)
+    ignored        listed in [ingest] ignore_codes
+    mapped         mapped since it was seen (its later results are stored)
+
+    By default only the unmapped codes: the data team's to-do list. Neither kind is a bad row:
+    quarantine is for rows bonewatch should use and cannot. Re-send the files of a code you
+    have just mapped to load its earlier results.
+    """
+    from bonewatch import pipeline
+    from bonewatch.ingest import codes as code_list
+
+    settings = _settings(ctx)
+    engine = pipeline.engine_for(settings)
+    with engine.connect() as conn:
+        frame = code_list.load(conn, settings, everything=everything)
+    if fmt == "json":
+        for row in frame.to_dict("records"):
+            click.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}))
+        return
+    if frame.empty:
+        click.echo("no unmapped local codes" if not everything else "no skipped codes")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("code", "status", "rows", "feeds", "first seen", "last seen", "collected")
+    for row in frame.itertuples(index=False):
+        status = f"mapped: {row.analyte}" if row.status == "mapped" else row.status
+        table.add_row(row.code, status, str(row.rows), row.feeds, str(row.first_seen), str(row.last_seen),
+                      f"{row.first_collected or ''} .. {row.last_collected or ''}")
+    Console(markup=False, highlight=False).print(table)
 
 
 @cli.command("rules")

@@ -90,6 +90,8 @@ class Ingest(BaseModel):
     model_config = _STRICT
     chunk_size: int = Field(50000, ge=1)
     code_map: dict[str, str] = {}
+    # codes (local or LOINC) the hospital does not need: skipped without being listed for mapping
+    ignore_codes: list[str] = []
     snomed_map: dict[str, str] = {}
     unit_aliases: dict[str, str] = {}
     plausible: dict[str, tuple[float, float]] = {}

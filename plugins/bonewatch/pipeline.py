@@ -31,13 +31,17 @@ class IngestSummary:
     accepted: int = 0
     quarantined: int = 0
     errors: list[str] = field(default_factory=list)   # one line a failed file, no PHI
+    not_monitored: int = 0          # results skipped for their code (SPEC 2.5): not bad rows
+    #: per file loaded: name, accepted, not_monitored, quarantined (what `bonewatch ingest` prints)
+    per_file: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __add__(self, other: IngestSummary) -> IngestSummary:
         return IngestSummary(*(getattr(self, f) + getattr(other, f) for f in
-                               ("files", "skipped_files", "failed_files", "accepted", "quarantined", "errors")))
+                               ("files", "skipped_files", "failed_files", "accepted", "quarantined", "errors",
+                                "not_monitored", "per_file")))
 
 
 @dataclass
@@ -120,12 +124,12 @@ class _Abort(Exception):
 
 
 def _load(engine: Engine, settings: Settings, items, ledger: dict,
-          finish=None) -> tuple[int, int, dict]:
+          finish=None) -> Loaded:
     """Stream one delivery into the store in one transaction: for each `(kind, Chunk)` item of a
     reader (`bonewatch.ingest.sources`), parse it with the canonical parser of its kind, validate
     it with GX, quarantine what cannot be used, bulk-upsert the rest. `ledger` is the delivery's
     ledger row without its counts; `finish(conn)` runs last inside the same transaction (a SQL
-    source's high-water mark). Returns (accepted, quarantined, units as sent per analyte).
+    source's high-water mark). Returns the delivery's counts (`Loaded`).
 
     Two threads: this one reads, parses and validates chunk n + 1 while a writer thread stores
     chunk n (the database's work runs without the GIL: in the PostgreSQL server, or inside
@@ -145,6 +149,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     plausible = settings.ingest.plausible
     accepted = quarantined = passed = failed = total = 0
     units: dict[str, dict[str, int]] = {}
+    codes: list[pd.DataFrame] = []
     work: queue.Queue = queue.Queue(maxsize=1)
     failures: list[BaseException] = []
 
@@ -159,6 +164,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                         raise _Abort
                     if isinstance(item, dict):        # the ledger row: the delivery is complete
                         marks.flush(conn)
+                        writes.insert_delivery_codes(conn, _codes_of_delivery(codes, delivery_id, feed))
                         if finish is not None:
                             finish(conn)
                         writes.record_delivery(conn, item)
@@ -197,7 +203,9 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     try:
         for kind, chunk in items:
             total += len(chunk.frame) + len(chunk.bad_rows)
-            rows, rejected = _parse_chunk(settings, kind, chunk, delivery_id, received_at)
+            rows, rejected, skipped = _parse_chunk(settings, kind, chunk, delivery_id, received_at)
+            if skipped is not None and len(skipped):
+                codes.append(skipped)
             if kind in ("labs", "events") and len(rows):
                 validation = suites.validate(kind, rows, plausible)
                 passed += validation.passed
@@ -225,7 +233,9 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
             if kind != "patients":
                 accepted += len(rows)
             quarantined += len(rejected)
+        not_monitored = int(sum(int(c["rows"].sum()) for c in codes))
         hand_over({**ledger, "rows_total": total, "rows_accepted": accepted, "rows_quarantined": quarantined,
+                   "rows_not_monitored": not_monitored,
                    "expectations_passed": passed, "expectations_failed": failed,
                    "units": json.dumps(units, sort_keys=True), "status": "loaded", "error": None})
     except BaseException:
@@ -236,7 +246,31 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     writer.join()
     if failures:
         raise failures[0]
-    return accepted, quarantined, units
+    return Loaded(accepted, quarantined, not_monitored, units)
+
+
+@dataclass
+class Loaded:
+    """What one delivery brought: rows stored, quarantined, skipped for their code; units as sent."""
+
+    accepted: int
+    quarantined: int
+    not_monitored: int
+    units: dict
+
+
+def _codes_of_delivery(parts: list, delivery_id: str, feed: str):
+    """The chunks' per-code counts of skipped rows -> one `delivery_codes` row per code."""
+    import pandas as pd
+
+    if not parts:
+        return pd.DataFrame()
+    joined = pd.concat(parts)
+    out = (joined.groupby("code", sort=True)
+           .agg(kind=("kind", "last"), rows=("rows", "sum"), first_collected=("first_collected", "min"),
+                last_collected=("last_collected", "max"))
+           .reset_index())
+    return out.assign(delivery_id=delivery_id, feed=feed)
 
 
 def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, received_at: datetime):
@@ -246,9 +280,10 @@ def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, receive
     from bonewatch.ingest import feeds
     from bonewatch.ingest.parsing import NOT_IN_A_REASON
 
+    codes = None
     if kind == "labs":
         parsed = feeds.parse_labs(chunk.frame, settings, delivery_id, received_at)
-        rows, rejected = parsed.rows, parsed.rejected
+        rows, rejected, codes = parsed.rows, parsed.rejected, parsed.codes
     elif kind == "events":
         parsed = feeds.parse_events(chunk.frame, settings, delivery_id, received_at)
         rows, rejected = parsed.rows, parsed.rejected
@@ -276,11 +311,11 @@ def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, receive
         rejected = rejected.assign(
             reason=rejected["reason"].astype(str).str.replace(NOT_IN_A_REASON, " ", regex=True),
             raw=rejected["raw"].astype(str).str.replace("\x00", "\ufffd", regex=False))
-    return rows, rejected
+    return rows, rejected, codes
 
 
 def _ingest_file(engine: Engine, settings: Settings, path: Path, fmt: str, delivery_id: str,
-                 partition: str | None) -> tuple[int, int, dict]:
+                 partition: str | None) -> Loaded:
     """Read one file with the reader of its format and load it (`_load`)."""
     from bonewatch.ingest import sources
     from bonewatch.store import writes
@@ -299,6 +334,7 @@ def _ingest_file(engine: Engine, settings: Settings, path: Path, fmt: str, deliv
 def _empty_ledger_row(base: dict, delivery_id: str, status: str, error: str | None = None) -> dict:
     """A ledger row with no rows: a file that could not be read, or a pull with nothing new."""
     return {**base, "delivery_id": delivery_id, "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0,
+            "rows_not_monitored": 0,
             "expectations_passed": 0, "expectations_failed": 0, "units": "{}", "status": status, "error": error}
 
 
@@ -349,10 +385,15 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                     summary.skipped_files += 1
                     log.info("skipped %s: already ingested", path.name)
                 else:
-                    accepted, quarantined, _ = _ingest_file(engine, settings, path, fmt, delivery_id, partition)
-                    summary.accepted += accepted
-                    summary.quarantined += quarantined
-                    log.info("ingested %s: %d accepted, %d quarantined", path.name, accepted, quarantined)
+                    loaded = _ingest_file(engine, settings, path, fmt, delivery_id, partition)
+                    summary.accepted += loaded.accepted
+                    summary.quarantined += loaded.quarantined
+                    summary.not_monitored += loaded.not_monitored
+                    summary.per_file.append({"file": path.name, "accepted": loaded.accepted,
+                                             "not_monitored": loaded.not_monitored,
+                                             "quarantined": loaded.quarantined})
+                    log.info("ingested %s: %d accepted, %d not monitored, %d quarantined", path.name,
+                             loaded.accepted, loaded.not_monitored, loaded.quarantined)
             except SourceUnreadable as exc:
                 summary.failed_files += 1
                 summary.errors.append(str(exc))
@@ -418,10 +459,14 @@ def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | No
                                          "updated_at": _now()})
 
         ledger = {**base, "delivery_id": sqlsource.delivery_id(name, after)}
-        accepted, quarantined, _ = _load(engine, settings, itertools.chain([first], items), ledger, finish)
-        summary.accepted += accepted
-        summary.quarantined += quarantined
-        log.info("pulled %s: %d accepted, %d quarantined", name, accepted, quarantined)
+        loaded = _load(engine, settings, itertools.chain([first], items), ledger, finish)
+        summary.accepted += loaded.accepted
+        summary.quarantined += loaded.quarantined
+        summary.not_monitored += loaded.not_monitored
+        summary.per_file.append({"file": f"sql:{name}", "accepted": loaded.accepted,
+                                 "not_monitored": loaded.not_monitored, "quarantined": loaded.quarantined})
+        log.info("pulled %s: %d accepted, %d not monitored, %d quarantined", name, loaded.accepted,
+                 loaded.not_monitored, loaded.quarantined)
     except SourceUnavailable as exc:
         summary.failed_files += 1
         summary.errors.append(str(exc))
@@ -510,7 +555,7 @@ def evaluate(settings: Settings, as_of: date, *, full: bool = False,
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
                 labs[labs["collected_date"] <= cut].reset_index(drop=True),
-                events[events["occurred_date"] <= cut].reset_index(drop=True), as_of, settings)
+                reads.visible_events(events, as_of), as_of, settings)
             due = incremental.next_due(labs, events, as_of, settings)
             # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT

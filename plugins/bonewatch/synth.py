@@ -117,7 +117,7 @@ DOSE_INTERVAL = 28
 PAMIDRONATE_MG = DOSE_MG[PAM]
 ALP_ULN, GGT_ULN, URINE_ALBUMIN_MAX = 130.0, 55, 500
 BAD_ROW_SHARE = 0.01
-BAD_KINDS = ("unknown_code", "non_numeric", "impossible_date", "unconvertible_unit")
+BAD_KINDS = ("missing_value", "non_numeric", "impossible_date", "unconvertible_unit")
 
 # --- Semantics the ground truth assumes ------------------------------------------------------------
 # SPEC 5 and 10 leave some details open. `expected_alerts.jsonl` assumes the readings below; the
@@ -1053,8 +1053,8 @@ def _render(rng: random.Random, pid: str, plan: _Plan, win: _Window, ids: _Ids,
 def _bad_row(kind: str, pid: str, rid: str, night: date) -> tuple:
     """A row the ingest must quarantine; even a lenient reader could not turn it into a finding."""
     stamp = f"{night.isoformat()}T09:00:00+00:00"
-    if kind == "unknown_code":
-        return (pid, rid, "99999-9", "12.3", "mg/dL", stamp, "final")
+    if kind == "missing_value":
+        return (pid, rid, SCR, "", "mg/dL", stamp, "final")
     if kind == "non_numeric":
         return (pid, rid, CA, "abc", "mg/dL", stamp, "final")
     if kind == "impossible_date":

@@ -14,14 +14,21 @@ from sqlalchemy import delete, select
 
 from bonewatch import pipeline
 from bonewatch.config import with_overrides
-from bonewatch.store.tables import clinical_events, deliveries, lab_results, patient_index, quarantine
+from bonewatch.store.tables import (
+    clinical_events,
+    deliveries,
+    delivery_codes,
+    lab_results,
+    patient_index,
+    quarantine,
+)
 
 LAB_HEADER = "patient_id,result_id,loinc,value,unit,collected_at,status\n"
 LABS = LAB_HEADER + "".join([
     "0001,r1,2160-0,0.9,mg/dL,2025-01-03T08:00:00,final\n",
     "0001,r2,6768-6,120,U/L,2025-01-03T08:00:00,preliminary\n",
     "0002,r3,14682-9,79.56,umol/L,2025-01-04T08:00:00+02:00,F\n",
-    "0002,r4,9999-9,1.0,mg/dL,2025-01-04T08:00:00,final\n",              # unknown code
+    "0002,r4,9999-9,1.0,mg/dL,2025-01-04T08:00:00,final\n",              # unmapped local code: skipped
     "\n",                                                                 # blank line
     "0001,r1,2160-0,1.0,mg/dL,2025-01-03T08:00:00,corrected\n",           # corrects r1 (earlier chunk)
     "0003,r5,17861-6,<5,mg/dL,2025-01-05T08:00:00,final\n",               # censored, kept as censored
@@ -51,15 +58,17 @@ def snapshot(engine) -> dict:
         results = sorted(tuple(r) for r in conn.execute(select(lab_results)))
         events = sorted(tuple(r) for r in conn.execute(select(clinical_events)))
         held = sorted(tuple(r) for r in conn.execute(select(quarantine)))
-        ledger = sorted((r.file_name, r.rows_total, r.rows_accepted, r.rows_quarantined, r.units)
+        ledger = sorted((r.file_name, r.rows_total, r.rows_accepted, r.rows_quarantined, r.rows_not_monitored, r.units)
                         for r in conn.execute(select(deliveries)))
         marks = sorted((r.patient_id, r.dirty_from) for r in conn.execute(select(patient_index)))
-    return {"results": results, "events": events, "quarantine": held, "ledger": ledger, "marks": marks}
+        codes = sorted(tuple(r) for r in conn.execute(select(delivery_codes)))
+    return {"results": results, "events": events, "quarantine": held, "ledger": ledger, "marks": marks,
+            "codes": codes}
 
 
 def reset(engine) -> None:
     with engine.begin() as conn:
-        for table in (lab_results, clinical_events, quarantine, deliveries, patient_index):
+        for table in (lab_results, clinical_events, quarantine, deliveries, patient_index, delivery_codes):
             conn.execute(delete(table))
 
 
@@ -74,7 +83,8 @@ def test_tiny_chunks_give_exactly_the_store_of_one_chunk(engine, settings, tmp_p
     files = write(tmp_path)
     whole = pipeline.ingest(with_overrides(settings, ingest__chunk_size=100_000), files)
     expected = snapshot(engine)
-    assert (whole.accepted, whole.quarantined) == (15, 7)   # every usable row counts, duplicates too
+    # every usable row counts, duplicates too; the unmapped local code is skipped, not quarantined
+    assert (whole.accepted, whole.not_monitored, whole.quarantined) == (15, 1, 6)
     values = {r[0]: (r[4], r[11]) for r in expected["results"]}
     assert values["r1"] == (1.0, "corrected")          # the late original did not undo the correction
     assert values["r2"] == (125.0, "final")
@@ -82,7 +92,8 @@ def test_tiny_chunks_give_exactly_the_store_of_one_chunk(engine, settings, tmp_p
     for size in (1, 2, 3):
         reset(engine)
         summary = pipeline.ingest(with_overrides(settings, ingest__chunk_size=size), files)
-        assert (summary.accepted, summary.quarantined) == (whole.accepted, whole.quarantined), size
+        assert (summary.accepted, summary.not_monitored, summary.quarantined) == (
+            whole.accepted, whole.not_monitored, whole.quarantined), size
         assert snapshot(engine) == expected, f"chunk size {size} changed the store"
 
 

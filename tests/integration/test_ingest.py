@@ -16,7 +16,7 @@ from bonewatch.store.tables import clinical_events, deliveries, lab_results, qua
 HEADER = "patient_id,result_id,loinc,value,unit,collected_at,status\n"
 GOOD_AND_BAD = HEADER + (
     "000123,r1,2160-0,0.9,mg/dL,2025-01-03T08:00:00,final\n"
-    "000123,r2,9999-9,1.0,mg/dL,2025-01-03T08:00:00,final\n"            # unknown code
+    "000123,r2,9999-9,1.0,mg/dL,2025-01-03T08:00:00,final\n"            # an unmapped local code: skipped
     "000123,r3,2160-0,abc,mg/dL,2025-01-03T08:00:00,final\n"            # non-numeric value
     "000123,r4,2160-0,1.0,mg/dL,2025-02-30T08:00:00,final\n"            # impossible date
     "000123,r5,2160-0,1.0,g/dL,2025-01-03T08:00:00,final\n"             # unconvertible unit
@@ -24,6 +24,8 @@ GOOD_AND_BAD = HEADER + (
     "000123,r7,6768-6,<5,U/L,2025-01-04T08:00:00,final\n"               # censored, kept as censored
     "000123,r8,2160-0,1.0,mg/dL,2025-01-04T08:00:00,final,surplus\n"    # wrong field count
     "000123,r9,6768-6,3,ukat/L,2025-01-05T08:00:00,final\n"
+    "000123,r10,718-7,13.1,g/dL,2025-01-05T08:00:00,final\n"            # haemoglobin: not monitored
+    "000123,r11,,1.0,mg/dL,2025-01-05T08:00:00,final\n"                 # no code at all
 )
 
 
@@ -40,13 +42,13 @@ def count(engine, table) -> int:
 
 def test_good_rows_kept_bad_rows_quarantined_with_reasons(engine, settings, tmp_path):
     summary = pipeline.ingest(settings, [write(tmp_path, "labs.csv", GOOD_AND_BAD)])
-    assert (summary.accepted, summary.quarantined, summary.failed_files) == (4, 5, 0)
+    assert (summary.accepted, summary.not_monitored, summary.quarantined, summary.failed_files) == (4, 2, 5, 0)
     with engine.connect() as conn:
         reasons = dict(conn.execute(select(quarantine.c.source_line, quarantine.c.reason)).all())
         rows = {r.result_id: r for r in conn.execute(select(lab_results))}
     assert reasons == {
-        3: "unknown code '9999-9'", 4: "unparseable value 'abc'", 5: "impossible date '2025-02-30T08:00:00'",
-        6: "unit 'g/dL' cannot be converted for creatinine", 9: "expected 7 fields, found 8"}
+        4: "unparseable value 'abc'", 5: "impossible date '2025-02-30T08:00:00'",
+        6: "unit 'g/dL' cannot be converted for creatinine", 9: "expected 7 fields, found 8", 12: "missing code"}
     assert rows["r6"].value == pytest.approx(0.9) and rows["r6"].orig_unit == "µmol/L"
     assert rows["r6"].orig_value == "79.56" and rows["r6"].status == "final"
     assert str(rows["r6"].collected_at).startswith("2025-01-04 06:00")   # +02:00 stored as UTC
@@ -113,7 +115,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_prints_counts_and_one_line_errors(engine, settings, tmp_path):
     ok = run_cli("ingest", str(write(tmp_path, "labs.csv", GOOD_AND_BAD)))
     assert ok.returncode == 0, ok.stderr
-    assert "4 rows accepted, 5 quarantined" in ok.stdout
+    assert "labs.csv: 4 accepted, 2 not monitored, 5 quarantined" in ok.stdout
+    assert "4 rows accepted, 2 not monitored, 5 quarantined" in ok.stdout
     bad = run_cli("ingest", str(write(tmp_path, "broken.csv", b"patient_id\n1\n")))
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr

@@ -80,7 +80,7 @@ def test_second_night_reads_only_new_rows(lis, engine):
     lis.cursor().executemany(INSERT, [
         ("000123", "R4", "17861-6", "9.1", "mg/dL", "2025-03-02 08:00:00", "final"),
         ("000123", "R1", "2160-0", "1.1", "mg/dL", "2025-03-01 08:00:00", "corrected"),
-        ("000456", "R5", "99999-9", "5", "mg/dL", "2025-03-02 08:00:00", "final"),
+        ("000456", "R5", "2160-0", "abc", "mg/dL", "2025-03-02 08:00:00", "final"),
     ])
     second = pipeline.pull(settings, partition="2025-03-02")
     assert (second.accepted, second.quarantined) == (2, 1)
@@ -92,7 +92,7 @@ def test_second_night_reads_only_new_rows(lis, engine):
     # Only the three new rows were read on the second night: the first three were not read again.
     assert [tuple(r) for r in ledger] == [("2025-03-01", "lis_db", "sql", 3), ("2025-03-02", "lis_db", "sql", 3)]
     assert tuple(mark) == ("6", "int")
-    assert "unknown code '99999-9'" in reason
+    assert "unparseable value 'abc'" in reason
     results = _results(engine)
     assert results["R1"] == ("000123", "creatinine", 1.1, "corrected")
     assert set(results) == {"R1", "R2", "R3", "R4"}

@@ -606,8 +606,7 @@ def test_bad_rows_are_counted_and_only_in_nightly_files(cohort):
     bad = [r for r in nightly if _is_bad(r)]
     assert len(bad) == _manifest(cohort)["bad_rows"] >= 4
     assert len(bad) <= 0.02 * len(nightly)
-    assert {r["loinc"] for r in bad} >= {"99999-9"}
-    assert {r["value"] for r in bad} >= {"abc"}
+    assert {r["value"] for r in bad} >= {"abc", ""}
     assert any(r["unit"] == "g/dL" and r["loinc"] == "2160-0" for r in bad)
     assert any("-02-30T" in r["collected_at"] for r in bad)
 

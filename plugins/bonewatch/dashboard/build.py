@@ -18,6 +18,7 @@ from sqlalchemy import Engine, func, select
 from bonewatch.config import Settings
 from bonewatch.dashboard import metrics, pages
 from bonewatch.dashboard.record import stored_nights
+from bonewatch.ingest import codes as code_list
 from bonewatch.store.tables import dq_feed_nights, dq_nights, dq_validations
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         nights: list[date] = []
         feed_rows = night_rows = pd.DataFrame()
         runs: list[dict] = []
+        codes = code_list.load(conn, settings, everything=True)
         if last is not None:
             first = last - timedelta(days=settings.quality.window_nights - 1)
             nights = [first + timedelta(days=i) for i in range(settings.quality.window_nights)]
@@ -93,7 +95,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         deadlines={name: feed.deadline for name, feed in settings.feed_rules.items()},
         feed_rows=feed_rows, night_rows=night_rows, validations=validations,
         thresholds=metrics.Thresholds.of(settings.quality),
-        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "")
+        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "", codes=codes)
     rendered = pages.render(data)
     for stale in out.glob("feed-*.html"):
         if stale.name not in rendered:

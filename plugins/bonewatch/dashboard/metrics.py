@@ -266,7 +266,8 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
     - `feeds`: the configured feeds; feeds seen in `deliveries` but not configured use
       `default_rule` with expected=False (never "missing").
     - `deliveries`: the night's ledger rows: delivery_id, feed, status (loaded|failed),
-      arrived_at (naive UTC), rows_total, rows_accepted, rows_quarantined,
+      arrived_at (naive UTC), rows_total, rows_accepted, rows_quarantined, rows_not_monitored
+      (optional: results skipped for their code, which are neither accepted nor bad),
       expectations_passed, expectations_failed, units (JSON).
     - `reasons`: feed, reason, rows (the night's quarantine, raw reasons).
     - `values`: feed, analyte, value: accepted, uncensored key-analyte values of the night.
@@ -297,7 +298,11 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
         total = int(mine["rows_total"].sum()) if len(mine) else 0
         accepted = int(mine["rows_accepted"].sum()) if len(mine) else 0
         quarantined = int(mine["rows_quarantined"].sum()) if len(mine) else 0
-        rate = round(quarantined / total, 4) if total else 0.0
+        not_monitored = int(mine["rows_not_monitored"].sum()) if len(mine) and "rows_not_monitored" in mine else 0
+        # SPEC 2.5: a result of an analyte bonewatch does not monitor is not a bad row, and does not
+        # dilute the rate either: the rate is over the rows bonewatch meant to use
+        usable = total - not_monitored
+        rate = round(quarantined / usable, 4) if usable > 0 else 0.0
         units = merge_units(mine["units"]) if len(mine) else {}
         switches = unit_switches(units, unit_history.get(feed, {}))
         feed_reasons: dict[str, int] = {}
@@ -307,14 +312,14 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
                 feed_reasons[key] = feed_reasons.get(key, 0) + int(rows)
         feed_values = values[values["feed"] == feed] if len(values) else pd.DataFrame(columns=["analyte", "value"])
         dists = distributions(feed_values, p50_history.get(feed, {})) if len(mine) else {}
-        colour = rag(status, bad_row_rate=rate, switches=len(switches), rows_total=total,
+        colour = rag(status, bad_row_rate=rate, switches=len(switches), rows_total=usable,
                      rows_accepted=accepted, thresholds=thresholds, resent=len(resent_rows))
         row = {
             "night": night, "feed": feed, "expected": rule.expected, "deadline_at": due,
             "arrived_at": arrived, "status": status, "rag": colour, "deliveries": int(len(mine)),
             "resent": int(len(again)),
             "rows_total": total, "rows_accepted": accepted, "rows_quarantined": quarantined,
-            "bad_row_rate": rate,
+            "rows_not_monitored": not_monitored, "bad_row_rate": rate,
             "expectations_passed": int(mine["expectations_passed"].sum()) if len(mine) else 0,
             "expectations_failed": int(mine["expectations_failed"].sum()) if len(mine) else 0,
             "quarantine_reasons": dict(sorted(feed_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -335,7 +340,7 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
         row = {
             "night": night, "feed": UNREADABLE_FEED, "expected": False, "deadline_at": due,
             "arrived_at": None, "status": "unreadable", "rag": "red", "deliveries": int(len(failed)), "resent": 0,
-            "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0, "bad_row_rate": 0.0,
+            "rows_total": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_not_monitored": 0, "bad_row_rate": 0.0,
             "expectations_passed": 0, "expectations_failed": 0, "quarantine_reasons": {},
             "units": {}, "unit_switches": [], "distributions": {},
         }
@@ -360,7 +365,7 @@ def _problems(row: dict, rule: FeedRule, tz: ZoneInfo, now: datetime, thresholds
         found.append(Problem(night, feed, "late", "amber",
                              f"{feed}: night {night} arrived at {local_hhmm(row['arrived_at'], tz)}, "
                              f"{late_by} after its deadline ({due_text})"))
-    total, rate = row["rows_total"], row["bad_row_rate"]
+    total, rate = row["rows_total"] - row.get("rows_not_monitored", 0), row["bad_row_rate"]
     if total and rate > thresholds.bad_row_rate_max:
         top = "; ".join(f"{reason} ({n})" for reason, n in list(row["quarantine_reasons"].items())[:3])
         found.append(Problem(night, feed, "bad_rows", "red" if rate >= thresholds.bad_row_rate_red else "amber",

@@ -50,6 +50,8 @@ class DashboardData:
     validations: list[dict] = field(default_factory=list)
     thresholds: Thresholds = field(default_factory=Thresholds)
     datadocs_index: str = ""
+    #: codes skipped rather than stored (`bonewatch.ingest.codes.load(everything=True)`)
+    codes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def feed_page_name(feed: str) -> str:
@@ -367,7 +369,7 @@ def status_rows(data: DashboardData, night: date) -> list[dict]:
                 continue
             out.append({"feed": feed, "page": feed_page_name(feed), "status": "no_run",
                         "label": STATUS_LABELS["no_run"], "headline": STATUS_LABELS["no_run"], "rag": "grey", "arrived": "", "deadline": "",
-                        "lateness": "", "rows": "", "accepted": "", "quarantined": "", "rate": "",
+                        "lateness": "", "rows": "", "accepted": "", "not_monitored": "", "quarantined": "", "rate": "",
                         "expectations_failed": "", "units": "", "notes": []})
             continue
         lateness = ""
@@ -384,6 +386,7 @@ def status_rows(data: DashboardData, night: date) -> list[dict]:
                     "deadline": _fmt_time(r.deadline_at, data.timezone),
                     "lateness": lateness, "rows": r.rows_total if delivered else "",
                     "accepted": r.rows_accepted if delivered else "",
+                    "not_monitored": getattr(r, "rows_not_monitored", 0) if delivered else "",
                     "quarantined": r.rows_quarantined if delivered else "",
                     "rate": r.bad_row_rate if r.rows_total else None,
                     "expectations_failed": r.expectations_failed if delivered else "", "units": units,
@@ -459,7 +462,8 @@ def render(data: DashboardData) -> dict[str, str]:
         **common, page="index", plotly_js=plotly, status=status, counts=counts,
         overview=overview_figure(data), problems=problem_list(data), alert_volume=alert_volume_figure(data),
         ack=ack_figure(data), alert_totals=alert_table(data), ack_latest=latest_ack(data),
-        recorded=bool(len(data.feed_rows)))
+        recorded=bool(len(data.feed_rows)),
+        unmapped=int((data.codes["status"] == "unmapped").sum()) if len(data.codes) else 0)
     for feed in data.feeds:
         frame = _feed_frame(data, feed)
         nights = []
@@ -483,6 +487,12 @@ def render(data: DashboardData) -> dict[str, str]:
     by_reason, by_night = quarantine_tables(data)
     pages["quarantine.html"] = env.get_template("quarantine.html.j2").render(
         **common, page="quarantine", plotly_js="", by_reason=by_reason, by_night=by_night)
+    codes = data.codes.to_dict("records") if len(data.codes) else []
+    status_words = {"not_monitored": "not monitored", "ignored": "ignored"}
+    pages["codes.html"] = env.get_template("codes.html.j2").render(
+        **common, page="codes", plotly_js="", unmapped=[c for c in codes if c["status"] == "unmapped"],
+        others=[{**c, "status": status_words.get(c["status"], f"mapped since: {c['analyte']}")}
+                for c in codes if c["status"] != "unmapped"])
     pages["validations.html"] = env.get_template("validations.html.j2").render(
         **common, page="validations", plotly_js="",
         validations=sorted(data.validations, key=lambda v: (str(v["night"]), v["feed"], v["delivery_id"], v["seq"]),

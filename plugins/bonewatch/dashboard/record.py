@@ -214,12 +214,12 @@ def _load_inputs(conn: Connection, settings: Settings, night: date) -> dict:
     d, a = deliveries.c, dq_arrivals.c
     night_deliveries = pd.DataFrame(conn.execute(
         select(d.delivery_id, d.feed, d.status, func.coalesce(a.arrived_at, d.received_at).label("arrived_at"),
-               d.rows_total, d.rows_accepted, d.rows_quarantined, d.expectations_passed,
+               d.rows_total, d.rows_accepted, d.rows_quarantined, d.rows_not_monitored, d.expectations_passed,
                d.expectations_failed, d.units)
         .select_from(deliveries.outerjoin(dq_arrivals, a.delivery_id == d.delivery_id))
         .where(d.partition == part)).mappings().all(),
         columns=["delivery_id", "feed", "status", "arrived_at", "rows_total", "rows_accepted",
-                 "rows_quarantined", "expectations_passed", "expectations_failed", "units"])
+                 "rows_quarantined", "rows_not_monitored", "expectations_passed", "expectations_failed", "units"])
     if settings.quality.arrival == "ingested":
         received = dict(conn.execute(select(d.delivery_id, d.received_at).where(d.partition == part)).all())
         night_deliveries["arrived_at"] = night_deliveries["delivery_id"].map(received)

@@ -4,6 +4,7 @@ strings into canonical rows, and name a reason for every row that cannot be used
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -45,6 +46,7 @@ BONE = {"active": "active", "none": "none"}
 class Parsed:
     rows: pd.DataFrame        # canonical rows ready for the store
     rejected: pd.DataFrame    # columns: line, reason, raw
+    codes: pd.DataFrame | None = None   # labs: rows skipped for their code (`parse_labs`)
 
 
 def raw_text(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
@@ -103,37 +105,98 @@ def implausible_events(rows: pd.DataFrame, plausible: dict[str, tuple[float, flo
     return pd.Series(reasons, index=rows.index, dtype=object)
 
 
-def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, received_at: datetime) -> Parsed:
-    """Raw lab CSV strings (index = source line) -> canonical results + rejected rows.
+#: not a code: empty, spaces, punctuation a code system never uses (a name or note in a code field)
+_CODE_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+\-]{0,31}$")
+#: what happens to a result by its code (SPEC 2.5): monitored rows go on; these three are counted
+#: per code and skipped (`Parsed.codes`), never quarantined
+SKIPPED_CODES = ("not_monitored", "unmapped", "ignored")
 
+
+def is_loinc(code: str) -> bool:
+    """A LOINC code: digits, a hyphen and the mod-10 check digit LOINC computes over the digits."""
+    match = _LOINC.fullmatch(code)
+    if not match:
+        return False
+    digits, check = match.group(1), int(match.group(2))
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if position % 2 == 0 else 1)
+        total += value // 10 + value % 10
+    return (10 - total % 10) % 10 == check
+
+
+_LOINC = re.compile(r"(\d{1,7})-(\d)")
+
+
+def code_kinds(code: pd.Series, settings: Settings) -> tuple[pd.Series, pd.Series]:
+    """Per row: (analyte or None, what happens to the row: "" monitored, one of `SKIPPED_CODES`,
+    or "missing" / "malformed" (quarantined)). The hospital's map comes first, then LOINC."""
+    code_map = settings.ingest.code_map
+    ignore = set(settings.ingest.ignore_codes)
+
+    def classify(c: str) -> tuple[str | None, str]:
+        if c == "":
+            return None, "missing"
+        mapped = code_map.get(c, c)
+        analyte = LOINC.get(mapped)
+        if analyte is not None:
+            return analyte, ""
+        if c in ignore or mapped in ignore:
+            return None, "ignored"
+        if is_loinc(mapped):
+            return None, "not_monitored"
+        if not _CODE_SHAPE.match(c):
+            return None, "malformed"
+        return None, "unmapped"
+
+    pairs = factorized_map(code, classify, default=(None, "missing"))
+    analyte = pd.Series([p[0] for p in pairs], index=code.index, dtype=object)
+    kind = pd.Series([p[1] for p in pairs], index=code.index, dtype=object)
+    return analyte, kind
+
+
+def _code_counts(code: pd.Series, kind: pd.Series, day: pd.Series) -> pd.DataFrame:
+    """Skipped rows per code: code, kind, rows, first_collected, last_collected."""
+    frame = pd.DataFrame({"code": code.to_numpy(dtype=object), "kind": kind.to_numpy(dtype=object),
+                          "day": pd.to_datetime(day).to_numpy()})
+    return (frame.groupby(["code", "kind"], sort=True)
+            .agg(rows=("day", "size"), first_collected=("day", "min"), last_collected=("day", "max"))
+            .reset_index())
+
+
+def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, received_at: datetime) -> Parsed:
+    """Raw lab CSV strings (index = source line) -> canonical results + rejected rows + the rows
+    skipped for their code, counted per code (`Parsed.codes`, SPEC 2.5).
+
+    A frame may carry one optional column after `LAB_COLUMNS`, `collected_basis` (FHIR: where the
+    collection time came from when the Observation had none of its own).
     Vectorised throughout: per-value work (code map, unit spelling, conversion factor) is done
     once per distinct value, not once per row."""
     frame = frame.copy()
     for column in LAB_COLUMNS:
         frame[column] = frame[column].astype("string").fillna("").str.strip()
     code = frame["loinc"]
-    code_map = settings.ingest.code_map
-    analyte = factorized_map(code, lambda c: LOINC.get(code_map.get(c, c)))
+    analyte, code_kind = code_kinds(code, settings)
+    latest = pd.Timestamp(received_at) + pd.Timedelta(days=1)
+    collected_at, collected_date, r_date = parse_instants(frame["collected_at"], settings.tz, latest)
+    skipped = code_kind.isin(SKIPPED_CODES).to_numpy()
+    codes = _code_counts(code[skipped], code_kind[skipped], collected_date[skipped])
+    if skipped.any():
+        keep = ~skipped
+        frame, code, analyte, code_kind = frame[keep], code[keep], analyte[keep], code_kind[keep]
+        collected_at, collected_date, r_date = collected_at[keep], collected_date[keep], r_date[keep]
     r_code = pd.Series("", index=frame.index, dtype="object")
-    r_code[analyte.isna()] = "unknown code '" + code[analyte.isna()].str.slice(0, 32) + "'"
+    r_code[(code_kind == "missing").to_numpy()] = "missing code"
+    r_code[(code_kind == "malformed").to_numpy()] = "malformed code (not a code system's code)"
     number, censor, r_value = parse_numbers(frame["value"])
-    factors = unit_key_table()
     aliases = {normalise_unit(k): normalise_unit(v) for k, v in settings.ingest.unit_aliases.items()}
     unit_norm = factorized_map(frame["unit"], lambda u: aliases.get(normalise_unit(u), normalise_unit(u)),
                                default="")
-    a_codes, a_names = pd.factorize(analyte)
-    u_codes, u_names = pd.factorize(unit_norm)
-    table = np.full((len(a_names) + 1, len(u_names) + 1), np.nan)   # the last row/column: missing
-    for i, a in enumerate(a_names):
-        for j, u in enumerate(u_names):
-            table[i, j] = factors.get((a, u), np.nan)
-    factor = pd.Series(table[a_codes, u_codes], index=frame.index, dtype="float64")
+    factor = _factors(analyte, unit_norm)
     r_unit = pd.Series("", index=frame.index, dtype="object")
     no_unit = factor.isna() & analyte.notna()
     r_unit[no_unit] = ("unit '" + frame["unit"][no_unit].str.slice(0, 16) + "' cannot be converted for "
                        + analyte[no_unit].astype("string"))
-    latest = pd.Timestamp(received_at) + pd.Timedelta(days=1)
-    collected_at, collected_date, r_date = parse_instants(frame["collected_at"], settings.tz, latest)
     status, r_status = parse_statuses(frame["status"])
     r_ids = pd.Series("", index=frame.index, dtype="object")
     r_ids[frame["result_id"] == ""] = "missing result_id"
@@ -142,11 +205,13 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     r_ids[frame["patient_id"].str.len() > PATIENT_ID_MAX] = f"patient_id longer than {PATIENT_ID_MAX} characters"
     r_ids[has_nul(frame, LAB_COLUMNS)] = "NUL character in the row"
     value = number * factor
+    basis = (frame["collected_basis"].astype("string").fillna("").str.strip().str.slice(0, 32)
+             if "collected_basis" in frame.columns else "")
     canonical = pd.DataFrame({
         "result_id": frame["result_id"],
         "patient_id": frame["patient_id"],
         "analyte": analyte,
-        "code": code,
+        "code": code.str.slice(0, 32),
         "value": value,
         "censor": censor,
         "unit": factorized_map(analyte, lambda a: ANALYTES[a].canonical_unit if isinstance(a, str) else None),
@@ -154,6 +219,7 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
         "orig_unit": frame["unit"].str.slice(0, 32),
         "collected_at": collected_at,
         "collected_date": collected_date,
+        "collected_basis": basis,
         "status": status,
         "status_rank": factorized_map(status, STATUS_RANK),
         "delivery_id": delivery_id,
@@ -165,7 +231,20 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     rows["status_rank"] = rows["status_rank"].astype("int64")
     # Several rows with one result id (a correction in the same file) are all accepted rows; the
     # store keeps the one its rule says (`writes.upsert_results`), whichever chunk each is in.
-    return Parsed(rows, rejected)
+    return Parsed(rows, rejected, codes)
+
+
+def _factors(analyte: pd.Series, unit: pd.Series) -> pd.Series:
+    """The factor to each row's canonical unit (NaN: the unit cannot be converted), computed once
+    per distinct (analyte, unit) pair."""
+    factors = unit_key_table()
+    a_codes, a_names = pd.factorize(analyte)
+    u_codes, u_names = pd.factorize(unit)
+    table = np.full((len(a_names) + 1, len(u_names) + 1), np.nan)   # the last row/column: missing
+    for i, a in enumerate(a_names):
+        for j, u in enumerate(u_names):
+            table[i, j] = factors.get((a, u), np.nan)
+    return pd.Series(table[a_codes, u_codes], index=analyte.index, dtype="float64")
 
 
 def _event_values(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:

@@ -25,6 +25,9 @@ from sqlalchemy import Connection, select
 
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
 
+#: facts about a patient that hold for every night, whenever delivered (SPEC 2.5)
+TIMELESS_EVENTS = ("birth_date", "sex")
+
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
                  "urine_albumin_24h", "urine_albumin_spot"]
 
@@ -43,8 +46,14 @@ def load_history(conn: Connection, as_of: date) -> tuple[pd.DataFrame, pd.DataFr
     patient batches with `load_patients`."""
     labs, events = load_patients(conn, None)
     cut = pd.Timestamp(as_of)
-    return (labs[labs["collected_date"] <= cut].reset_index(drop=True),
-            events[events["occurred_date"] <= cut].reset_index(drop=True))
+    return labs[labs["collected_date"] <= cut].reset_index(drop=True), visible_events(events, as_of)
+
+
+def visible_events(events: pd.DataFrame, as_of: date) -> pd.DataFrame:
+    """The events a night sees: those that happened by `as_of`, and the timeless facts (birth date,
+    sex: SPEC 2.5) whenever they were recorded."""
+    keep = (events["occurred_date"] <= pd.Timestamp(as_of)) | events["event_type"].isin(TIMELESS_EVENTS)
+    return events[keep].reset_index(drop=True)
 
 
 def load_patients(conn: Connection, patient_ids: Sequence[str] | None) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -38,6 +38,8 @@ deliveries = Table(
     Column("rows_total", Integer, nullable=False, default=0),
     Column("rows_accepted", Integer, nullable=False, default=0),
     Column("rows_quarantined", Integer, nullable=False, default=0),
+    Column("rows_not_monitored", Integer, nullable=False, default=0, server_default="0",
+           comment="valid codes of analytes bonewatch does not monitor, and unmapped or ignored local codes"),
     Column("expectations_passed", Integer, nullable=False, default=0),
     Column("expectations_failed", Integer, nullable=False, default=0),
     Column("units", Text, comment="JSON: canonical analyte -> {unit as sent: rows}"),
@@ -63,6 +65,8 @@ lab_results = Table(
     Column("status_rank", Integer, nullable=False),
     Column("delivery_id", String(64), nullable=False),
     Column("source_line", Integer, nullable=False),
+    Column("collected_basis", String(32), nullable=False, default="", server_default="",
+           comment="'' the result's own time; else where collected_at came from (FHIR DiagnosticReport, issued)"),
     Index("ix_lab_results_patient", "patient_id", "analyte", "collected_date"),
 )
 
@@ -205,6 +209,8 @@ dq_feed_nights = Table(
     Column("rows_total", Integer, nullable=False),
     Column("rows_accepted", Integer, nullable=False),
     Column("rows_quarantined", Integer, nullable=False),
+    Column("rows_not_monitored", Integer, nullable=False, default=0, server_default="0",
+           comment="skipped for their code (not monitored, unmapped, ignored): not in the bad-row rate"),
     Column("bad_row_rate", Float, nullable=False),
     Column("expectations_passed", Integer, nullable=False),
     Column("expectations_failed", Integer, nullable=False),
@@ -310,4 +316,19 @@ source_watermarks = Table(
     Column("kind", String(16), nullable=False, comment="int | float | datetime | date | text"),
     Column("rows_read", Integer, nullable=False, default=0),
     Column("updated_at", DateTime, nullable=False, comment="UTC, when the pull committed"),
+)
+
+# 0007: real feeds (issue 13). Results whose code bonewatch does not use are not bad rows (SPEC
+# 2.5): each delivery counts them per code, so the data team sees which local codes to map (or to
+# ignore in configuration) without a quarantine row per result.
+delivery_codes = Table(
+    "delivery_codes",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),
+    Column("code", String(32), primary_key=True, comment="the code as sent (a valid LOINC, or a local code)"),
+    Column("kind", String(16), nullable=False, comment="not_monitored (LOINC) | unmapped (local) | ignored"),
+    Column("feed", String(64), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("first_collected", Date, comment="earliest collection day among its rows, when one parsed"),
+    Column("last_collected", Date),
 )

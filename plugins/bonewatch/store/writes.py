@@ -24,9 +24,11 @@ import pyarrow.csv as pacsv
 from sqlalchemy import Connection, Date, DateTime, Float, Integer, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from bonewatch.store.reads import TIMELESS_EVENTS
 from bonewatch.store.tables import (
     clinical_events,
     deliveries,
+    delivery_codes,
     lab_results,
     patient_index,
     patient_refs,
@@ -254,13 +256,67 @@ def upsert_results(conn: Connection, rows: pd.DataFrame, marks: PatientMarks | N
     _note(conn, marks, rows["patient_id"], rows["collected_date"])
 
 
+#: the day a timeless fact marks its patient from: every night may see it
+_TIMELESS_DAY = pd.Timestamp("1900-01-01")
+
+
 def insert_events(conn: Connection, rows: pd.DataFrame, marks: PatientMarks | None = None) -> None:
-    """Insert events (a re-sent event has the same key and changes nothing); marks patients."""
+    """Insert events (a re-sent event has the same key and changes nothing); marks patients.
+
+    Birth date and sex are timeless (SPEC 2.5): the store keeps one of each per patient, the one
+    of the latest delivery (within a delivery, the latest recorded, then the last line), and a
+    new or changed one marks the patient from the earliest day, so every night is evaluated again."""
     if rows.empty:
         return
     rows = rows[~rows["event_key"].duplicated(keep="first")]   # as ON CONFLICT DO NOTHING across chunks
+    timeless = rows["event_type"].isin(TIMELESS_EVENTS).to_numpy()
+    if timeless.any():
+        facts = (rows[timeless].sort_values(["occurred_at", "source_line"], kind="stable")
+                 .drop_duplicates(["patient_id", "event_type"], keep="last"))
+        changed = _replace_timeless(conn, facts)
+        rows = pd.concat([rows[~timeless], facts])
+        if len(changed):
+            _note(conn, marks, changed, pd.Series(_TIMELESS_DAY, index=changed.index))
     _bulk_upsert(conn, rows, clinical_events, ["event_key"], None)
-    _note(conn, marks, rows["patient_id"], rows["occurred_date"])
+    plain = ~rows["event_type"].isin(TIMELESS_EVENTS).to_numpy()
+    _note(conn, marks, rows["patient_id"][plain], rows["occurred_date"][plain])
+
+
+def _replace_timeless(conn: Connection, facts: pd.DataFrame) -> pd.Series:
+    """Delete the stored birth dates / sexes these rows supersede; return the patients whose fact
+    is new or different (the others' re-sent value changes nothing they are judged on)."""
+    e = clinical_events.c
+    stored: dict[tuple[str, str], set[str]] = {}
+    doomed: list[str] = []
+    replaced = set(zip(facts["patient_id"], facts["event_type"], strict=True))
+    patients = facts["patient_id"].drop_duplicates().tolist()
+    for start in range(0, len(patients), 5000):   # under SQLite's bound-parameter limit
+        part = patients[start:start + 5000]
+        for key, pid, etype, value in conn.execute(
+                select(e.event_key, e.patient_id, e.event_type, e.value)
+                .where(e.event_type.in_(TIMELESS_EVENTS), e.patient_id.in_(part))).all():
+            if (pid, etype) in replaced:
+                stored.setdefault((pid, etype), set()).add(value)
+                doomed.append(key)
+    keep = set(facts["event_key"])
+    doomed = [k for k in doomed if k not in keep]
+    for start in range(0, len(doomed), 5000):
+        conn.execute(clinical_events.delete().where(e.event_key.in_(doomed[start:start + 5000])))
+    same = [stored.get((p, t)) == {v} for p, t, v in
+            zip(facts["patient_id"], facts["event_type"], facts["value"], strict=True)]
+    return facts["patient_id"][~np.array(same, dtype=bool)].drop_duplicates()
+
+
+def insert_delivery_codes(conn: Connection, rows: pd.DataFrame) -> None:
+    """A delivery's per-code counts of results skipped for their code (`delivery_codes`)."""
+    if rows.empty:
+        return
+    columns = [c.name for c in delivery_codes.columns]
+    frame = rows.copy()
+    for column in ("first_collected", "last_collected"):
+        frame[column] = pd.to_datetime(frame[column]).dt.date.astype(object).where(frame[column].notna(), None)
+    stmt = _insert(conn, delivery_codes).on_conflict_do_nothing(index_elements=["delivery_id", "code"])
+    _execute_batched(conn, stmt, frame, columns)
 
 
 def _note(conn: Connection, marks: PatientMarks | None, patient_id: pd.Series, day: pd.Series) -> None:
