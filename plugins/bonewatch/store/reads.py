@@ -26,7 +26,7 @@ from sqlalchemy import Connection, select
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
-                 "urine_albumin_24h", "urine_albumin_spot"]
+                 "urine_albumin_24h", "urine_albumin_spot", "urine_albumin_ratio"]
 
 LAB_COLUMNS = {"result_id": "text", "patient_id": "text", "analyte": "text", "value": "float",
                "censor": "text", "unit": "text", "collected_at": "instant", "collected_date": "day",
