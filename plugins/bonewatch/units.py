@@ -260,12 +260,12 @@ def factor(analyte: str, unit: str) -> float | None:
     spec = ANALYTES.get(analyte)
     if spec is None or not isinstance(unit, str) or not unit.strip():
         return None
+    registry = _ucum()[0]   # outside the try: a missing library fails loudly, not as "cannot be converted"
     try:
         sent = _read(unit, spec.enzyme)
         target = _read(spec.ucum, spec.enzyme)
         if sent is None or target is None:
             return None
-        registry = _ucum()[0]
         equivalents = sum(power for name, power in sent.unit_items() if name.endswith("equivalents"))
         if equivalents:     # mEq/L: moles of charge; only an ion with a known valence converts
             if spec.valence is None:
