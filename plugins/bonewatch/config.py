@@ -107,11 +107,10 @@ class Ingest(BaseModel):
     @field_validator("unit_aliases")
     @classmethod
     def _known_unit(cls, value: dict[str, str]) -> dict[str, str]:
-        from bonewatch.units import normalise_unit, unit_key_table
+        from bonewatch.units import convertible
 
-        known = {unit for _, unit in unit_key_table()}
         for local, standard in value.items():
-            if normalise_unit(standard) not in known:
+            if not convertible(standard):   # read as UCUM and convertible for some monitored analyte
                 raise ValueError(f"unit alias {local!r} points to {standard!r}, which is not a known unit")
         return value
 

@@ -36,7 +36,7 @@ KNOWN_RULES = {
     "REVIEW_2Y", "MGUS_ON_BISPHOSPHONATE", "DENTAL_EXAM_MISSING", "ALBUMINURIA", "URINE_ALBUMIN_DUE",
 }
 ALP_ANALYTES = {"alp", "ggt", "bsap_activity", "bsap_mass"}
-URINE_ANALYTES = {"urine_albumin_24h", "urine_albumin_spot"}
+URINE_ANALYTES = {"urine_albumin_24h", "urine_albumin_spot", "urine_albumin_ratio"}
 
 Clock = tuple[set[int], set[tuple[int, int]]]   # (day offsets, (months, extra days) offsets)
 

@@ -101,10 +101,14 @@ def test_urine_albumin_due_evidence_does_not_depend_on_the_night(result_day):
         in first.evidence["summary"]
 
 
-def test_urine_albumin_spot_test_counts():
+@pytest.mark.parametrize("analyte", ["urine_albumin_spot", "urine_albumin_ratio"])
+def test_urine_albumin_spot_test_counts(analyte):
+    # an albumin/creatinine ratio (14959-1, mg/g) is its own analyte now: a ratio is not a mg/L
+    # concentration; it counts as a result, and never against the 24-h limit
     h = monthly(History().person("p1").event("p1", "dental_exam", "2024-12-01"), "2025-01-05", 8)
-    h.lab("p1", "urine_albumin_spot", "2025-06-01", 20)
-    assert "URINE_ALBUMIN_DUE" not in rules_fired(h, "2025-07-20")
+    h.lab("p1", analyte, "2025-06-01", 900)
+    found = rules_fired(h, "2025-07-20")
+    assert "URINE_ALBUMIN_DUE" not in found and "ALBUMINURIA" not in found
 
 
 # ---- ALBUMINURIA -----------------------------------------------------------------------------

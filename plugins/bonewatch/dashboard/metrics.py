@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from bonewatch.units import ANALYTES, normalise_unit
+from bonewatch.units import ANALYTES, factor
 
 #: The analytes whose value distributions are tracked night by night (ALP, SCr, Ca).
 KEY_ANALYTES = ("alp", "creatinine", "calcium")
@@ -155,8 +155,7 @@ def safe_reason(reason: str) -> str:
 
 def unit_scale(analyte: str, unit: str) -> float | None:
     """The factor to the canonical unit: spellings of the same scale (U/L, IU/L) share it."""
-    spec = ANALYTES.get(analyte)
-    return None if spec is None else spec.factors.get(normalise_unit(unit))
+    return factor(analyte, unit)
 
 
 def merge_units(documents: Iterable[str | Mapping | None]) -> dict[str, dict[str, int]]:

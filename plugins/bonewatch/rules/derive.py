@@ -232,7 +232,7 @@ def urine_albumin(facts: Facts, *, only_24h: bool) -> pd.DataFrame:
     frames = [pd.DataFrame({"patient_id": ev["patient_id"], "day": ev["day"], "at": ev["occurred_at"],
                             "value": pd.to_numeric(ev["value"], errors="coerce"), "censor": "",
                             "kind": "24-h urine albumin (mg/24 h)"})]
-    analytes = ["urine_albumin_24h"] if only_24h else ["urine_albumin_24h", "urine_albumin_spot"]
+    analytes = ["urine_albumin_24h"] if only_24h else ["urine_albumin_24h", "urine_albumin_spot", "urine_albumin_ratio"]
     labs = facts.labs[facts.labs["analyte"].isin(analytes)]
     frames.append(pd.DataFrame({"patient_id": labs["patient_id"], "day": labs["collected_day"],
                                 "at": labs["collected_at"], "value": labs["value"], "censor": labs["censor"],

@@ -29,7 +29,7 @@ from bonewatch.store.tables import clinical_events, lab_results, patient_index
 TIMELESS_EVENTS = ("birth_date", "sex")
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
-                 "urine_albumin_24h", "urine_albumin_spot"]
+                 "urine_albumin_24h", "urine_albumin_spot", "urine_albumin_ratio"]
 
 LAB_COLUMNS = {"result_id": "text", "patient_id": "text", "analyte": "text", "value": "float",
                "censor": "text", "unit": "text", "collected_at": "instant", "collected_date": "day",
