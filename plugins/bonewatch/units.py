@@ -283,8 +283,19 @@ def factor(analyte: str, unit: str) -> float | None:
     return None
 
 
+#: spellings every lab uses, known convertible (a unit test proves each through the library): the
+#: configuration check accepts an alias to one of them without building the registry, which costs
+#: a second or two that every command (listing alerts, --help) would otherwise pay at start
+COMMON_UNITS = frozenset({
+    "mg/dl", "umol/l", "mmol/l", "u/l", "iu/l", "ukat/l", "g/dl", "g/l", "mg/l", "ug/l", "ng/ml", "kg",
+    "lb", "lbs", "[lb_av]", "mg/24h", "mg/(24.h)", "g/24h", "mg/d", "g/d", "mg/g", "mg/mmol",
+})
+
+
 def convertible(unit: str) -> bool:
     """True when some monitored analyte can be converted from `unit` (checks configured aliases)."""
+    if normalise_unit(unit) in COMMON_UNITS:
+        return True
     return any(factor(name, unit) is not None for name in ANALYTES)
 
 

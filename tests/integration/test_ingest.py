@@ -19,7 +19,7 @@ GOOD_AND_BAD = HEADER + (
     "000123,r2,9999-9,1.0,mg/dL,2025-01-03T08:00:00,final\n"            # an unmapped local code: skipped
     "000123,r3,2160-0,abc,mg/dL,2025-01-03T08:00:00,final\n"            # non-numeric value
     "000123,r4,2160-0,1.0,mg/dL,2025-02-30T08:00:00,final\n"            # impossible date
-    "000123,r5,2160-0,1.0,g/dL,2025-01-03T08:00:00,final\n"             # unconvertible unit
+    "000123,r5,2160-0,1.0,U/L,2025-01-03T08:00:00,final\n"              # unconvertible unit
     "000123,r6,14682-9,79.56,µmol/L,2025-01-04T08:00:00+02:00,F\n"       # SI unit, offset, HL7 status
     "000123,r7,6768-6,<5,U/L,2025-01-04T08:00:00,final\n"               # censored, kept as censored
     "000123,r8,2160-0,1.0,mg/dL,2025-01-04T08:00:00,final,surplus\n"    # wrong field count
@@ -48,7 +48,7 @@ def test_good_rows_kept_bad_rows_quarantined_with_reasons(engine, settings, tmp_
         rows = {r.result_id: r for r in conn.execute(select(lab_results))}
     assert reasons == {
         4: "unparseable value 'abc'", 5: "impossible date '2025-02-30T08:00:00'",
-        6: "unit 'g/dL' cannot be converted for creatinine", 9: "expected 7 fields, found 8", 12: "missing code"}
+        6: "unit 'U/L' cannot be converted for creatinine", 9: "expected 7 fields, found 8", 12: "missing code"}
     assert rows["r6"].value == pytest.approx(0.9) and rows["r6"].orig_unit == "µmol/L"
     assert rows["r6"].orig_value == "79.56" and rows["r6"].status == "final"
     assert str(rows["r6"].collected_at).startswith("2025-01-04 06:00")   # +02:00 stored as UTC

@@ -213,3 +213,15 @@ def test_synthea_and_spec_codes_are_mapped():
 def test_different_measurements_are_not_mapped(code):
     assert is_loinc(code)
     assert code not in LOINC
+
+
+def test_common_units_are_convertible_through_the_library():
+    """The configuration check's shortcut (`COMMON_UNITS`) holds only units the library converts."""
+    for unit in sorted(units.COMMON_UNITS):
+        assert any(units.factor(name, unit) is not None for name in units.ANALYTES), unit
+
+
+def test_loading_the_default_configuration_builds_no_registry():
+    code = ("from bonewatch.config import load_settings; from bonewatch import units; load_settings(env={}); "
+            "import sys; assert units._ucum.cache_info().currsize == 0; assert 'pint' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

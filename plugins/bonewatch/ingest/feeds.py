@@ -21,7 +21,7 @@ from bonewatch.ingest.parsing import (
     parse_statuses,
 )
 from bonewatch.store.tables import lab_results, patient_refs
-from bonewatch.units import ANALYTES, LOINC, normalise_unit, unit_key_table
+from bonewatch.units import ANALYTES, LOINC, factor, is_loinc, normalise_unit
 
 LAB_COLUMNS = ["patient_id", "result_id", "loinc", "value", "unit", "collected_at", "status"]
 EVENT_COLUMNS = ["patient_id", "event_type", "occurred_at", "value", "detail"]
@@ -112,22 +112,6 @@ _CODE_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+\-]{0,31}$")
 SKIPPED_CODES = ("not_monitored", "unmapped", "ignored")
 
 
-def is_loinc(code: str) -> bool:
-    """A LOINC code: digits, a hyphen and the mod-10 check digit LOINC computes over the digits."""
-    match = _LOINC.fullmatch(code)
-    if not match:
-        return False
-    digits, check = match.group(1), int(match.group(2))
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        value = int(char) * (2 if position % 2 == 0 else 1)
-        total += value // 10 + value % 10
-    return (10 - total % 10) % 10 == check
-
-
-_LOINC = re.compile(r"(\d{1,7})-(\d)")
-
-
 def code_kinds(code: pd.Series, settings: Settings) -> tuple[pd.Series, pd.Series]:
     """Per row: (analyte or None, what happens to the row: "" monitored, one of `SKIPPED_CODES`,
     or "missing" / "malformed" (quarantined)). The hospital's map comes first, then LOINC."""
@@ -189,10 +173,10 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     r_code[(code_kind == "missing").to_numpy()] = "missing code"
     r_code[(code_kind == "malformed").to_numpy()] = "malformed code (not a code system's code)"
     number, censor, r_value = parse_numbers(frame["value"])
-    aliases = {normalise_unit(k): normalise_unit(v) for k, v in settings.ingest.unit_aliases.items()}
-    unit_norm = factorized_map(frame["unit"], lambda u: aliases.get(normalise_unit(u), normalise_unit(u)),
-                               default="")
-    factor = _factors(analyte, unit_norm)
+    aliases = {normalise_unit(k): v for k, v in settings.ingest.unit_aliases.items()}
+    # the unit as sent, unless the hospital configured an alias for its spelling
+    unit_read = factorized_map(frame["unit"], lambda u: aliases.get(normalise_unit(u), u), default="")
+    factor = _factors(analyte, unit_read)
     r_unit = pd.Series("", index=frame.index, dtype="object")
     no_unit = factor.isna() & analyte.notna()
     r_unit[no_unit] = ("unit '" + frame["unit"][no_unit].str.slice(0, 16) + "' cannot be converted for "
@@ -236,14 +220,14 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
 
 def _factors(analyte: pd.Series, unit: pd.Series) -> pd.Series:
     """The factor to each row's canonical unit (NaN: the unit cannot be converted), computed once
-    per distinct (analyte, unit) pair."""
-    factors = unit_key_table()
+    per distinct (analyte, unit) pair present (`units.factor`, a UCUM library behind it)."""
     a_codes, a_names = pd.factorize(analyte)
     u_codes, u_names = pd.factorize(unit)
     table = np.full((len(a_names) + 1, len(u_names) + 1), np.nan)   # the last row/column: missing
-    for i, a in enumerate(a_names):
-        for j, u in enumerate(u_names):
-            table[i, j] = factors.get((a, u), np.nan)
+    pairs = pd.DataFrame({"a": a_codes, "u": u_codes}).drop_duplicates()
+    for i, j in pairs[(pairs["a"] >= 0) & (pairs["u"] >= 0)].itertuples(index=False):
+        found = factor(a_names[i], u_names[j])
+        table[i, j] = np.nan if found is None else found
     return pd.Series(table[a_codes, u_codes], index=analyte.index, dtype="float64")
 
 
