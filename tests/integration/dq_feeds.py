@@ -39,12 +39,26 @@ class Night:
     run_at: datetime | None = None
     alp_unit: str = "U/L"          # "ukat/L": the lab switched units
     events_bad: int = 0            # extra bad event rows (14 good ones a night)
+    panels: bool = False           # every patient's labs come in full CBC + CMP panels (SPEC 2.5)
+    local_creatinine: str = ""     # a local code for creatinine the hospital has not mapped yet
 
     def __post_init__(self):
         self.labs_at = self.labs_at if self.labs_at is not None else at(self.night, "00:20")
         self.events_at = self.events_at if self.events_at is not None else at(self.night, "00:40")
         self.run_at = self.run_at or at(self.night, "01:30")
 
+
+#: a CBC and a comprehensive metabolic panel without its calcium, albumin, ALP and creatinine:
+#: valid LOINC codes of analytes bonewatch does not monitor (counted, never quarantined)
+PANEL_ROWS = [
+    ("6690-2", "6.2", "10*3/uL"), ("789-8", "4.6", "10*6/uL"), ("718-7", "13.4", "g/dL"),
+    ("4544-3", "40.1", "%"), ("787-2", "88", "fL"), ("785-6", "29.5", "pg"), ("786-4", "33.4", "g/dL"),
+    ("788-0", "13.1", "%"), ("777-3", "251", "10*3/uL"), ("770-8", "58", "%"), ("736-9", "31", "%"),
+    ("2345-7", "94", "mg/dL"), ("3094-0", "14", "mg/dL"), ("2951-2", "139", "mmol/L"),
+    ("2823-3", "4.2", "mmol/L"), ("2075-0", "102", "mmol/L"), ("2028-9", "25", "mmol/L"),
+    ("2885-2", "7.1", "g/dL"), ("1975-2", "0.6", "mg/dL"), ("1742-6", "21", "U/L"), ("1920-8", "24", "U/L"),
+    ("33914-3", "78", "mL/min/{1.73_m2}"),
+]
 
 MISSING = datetime.min.replace(tzinfo=UTC)   # marker: no file that night
 
@@ -82,6 +96,11 @@ def write_night(inbox: Path, spec: Night) -> Path:
                      f"{pid},N{n}-{i}-a,6768-6,{alp_value},{spec.alp_unit},{stamp},final\n",
                      f"{pid},N{n}-{i}-k,17861-6,{9.3 + i * 0.05:.2f},mg/dL,{stamp},final\n",
                      f"{pid},N{n}-{i}-b,1751-7,4.1,g/dL,{stamp},final\n"]
+            if spec.panels:
+                rows += [f"{pid},N{n}-{i}-p{k},{code},{value},{unit},{stamp},final\n"
+                         for k, (code, value, unit) in enumerate(PANEL_ROWS)]
+            if spec.local_creatinine:
+                rows.append(f"{pid},N{n}-{i}-l,{spec.local_creatinine},{84 + i},umol/L,{stamp},final\n")
         _write(folder / "labs.csv", "".join(rows), spec.labs_at)
     if spec.events_at is not MISSING:
         rows = [EVENT_HEADER]

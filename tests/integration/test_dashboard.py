@@ -18,6 +18,7 @@ from bonewatch.store.tables import dq_feed_nights, dq_nights, dq_problems, dq_va
 from tests.integration.dq_feeds import (
     ARTIFACTS,
     MISSING,
+    PANEL_ROWS,
     PATIENTS,
     Night,
     OfflinePage,
@@ -272,3 +273,30 @@ def test_migration_0004_matches_the_tables(engine):
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
     ours = [d for d in diffs if "dq_" in repr(d)]
     assert ours == []
+
+
+def test_full_panels_leave_the_dashboard_green_and_email_nobody(engine, quality_settings, mailbox, tmp_path):
+    """SPEC 2.5: a night of real panels (a CBC and a metabolic panel around the monitored analytes)
+    is not a night of bad rows; an unmapped local creatinine code is listed until it is mapped."""
+    specs = [Night(FIRST + timedelta(days=i), panels=True, local_creatinine="CRE-LOCAL") for i in range(2)]
+    results = run_nights(quality_settings, tmp_path / "inbox", specs)
+    assert [r["quality"]["rag"] for r in results] == [{"events": "green", "labs": "green"}] * 2
+    labs = feed_nights(engine, FIRST + timedelta(days=1))["labs"]
+    per_patient = len(PANEL_ROWS) + 1
+    assert (labs["rows_quarantined"], labs["bad_row_rate"], labs["rows_not_monitored"]) == (0, 0.0, 8 * per_patient)
+    assert labs["rows_accepted"] == 32 and json.loads(labs["quarantine_reasons"]) == {}
+    assert mailbox.messages == [], "nobody is emailed about a night of full panels"
+
+    out = tmp_path / "dashboard"
+    build.build(engine, quality_settings, out, now=at(FIRST, "07:00", days=2))
+    codes = (out / "codes.html").read_text("utf-8")
+    assert '<table class="grid" id="unmapped-codes">' in codes and "<code>CRE-LOCAL</code>" in codes
+    assert "local code(s)</a> are not in" in (out / "index.html").read_text("utf-8")
+    assert patient_ids_in(out, PATIENTS) == {}
+
+    mapped = with_overrides(quality_settings, ingest__code_map={**quality_settings.ingest.code_map,
+                                                                "CRE-LOCAL": "14682-9"})
+    build.build(engine, mapped, out, now=at(FIRST, "07:00", days=2))
+    codes = (out / "codes.html").read_text("utf-8")
+    assert 'id="unmapped-codes-empty"' in codes and "mapped since: creatinine" in codes
+    assert "local code(s)</a> are not in" not in (out / "index.html").read_text("utf-8")
