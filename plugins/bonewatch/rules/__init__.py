@@ -8,6 +8,7 @@ its renal baseline), which the shell persists.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import date
 
 import numpy as np
@@ -60,8 +61,36 @@ def evaluate_with_state(labs: pd.DataFrame, events: pd.DataFrame, as_of: date,
     hepatic = {f.patient_id for f in nonbone}
     findings = [dataclasses.replace(f, evidence={**f.evidence, "note": HEPATIC_NOTE})
                 if f.rule in ALP_RULES and f.patient_id in hepatic else f for f in findings]
+    findings = _note_time_basis(findings, facts.labs)
     return sorted(findings, key=lambda f: (f.patient_id, f.rule, f.episode)), course_states(
         facts, baselines, renal_held, albumin_held, settings)
+
+
+#: where a result's collection time came from when it had none of its own (FHIR, SPEC 2.3)
+TIME_BASIS = {"DiagnosticReport.effective": "the effective time of the DiagnosticReport that lists it",
+              "issued": "the time the result was issued"}
+
+
+def _note_time_basis(findings: list[Finding], labs: pd.DataFrame) -> list[Finding]:
+    """A finding whose evidence cites a day on which one of its patient's results had no collection
+    time of its own says so, and which time stands in for it (the evidence `time_basis`)."""
+    if "collected_basis" not in labs.columns or not findings:
+        return findings
+    borrowed = labs[labs["collected_basis"].astype(str) != ""]
+    if borrowed.empty:
+        return findings
+    by_patient: dict[str, list[tuple[str, str, str]]] = {}
+    for row in (borrowed[["patient_id", "analyte", "collected_day", "collected_basis"]]
+                .drop_duplicates().itertuples(index=False)):
+        by_patient.setdefault(row.patient_id, []).append((row.analyte, iso(row.collected_day), row.collected_basis))
+    out = []
+    for f in findings:
+        cited = json.dumps(f.evidence, default=str) if f.patient_id in by_patient else ""
+        notes = [f"the {analyte} of {day} had no collection time of its own: "
+                 f"{TIME_BASIS.get(basis, basis)} is used" for analyte, day, basis in by_patient.get(f.patient_id, [])
+                 if day and day in cited]
+        out.append(dataclasses.replace(f, evidence={**f.evidence, "time_basis": sorted(set(notes))}) if notes else f)
+    return out
 
 
 def _combine_holds(*frames: pd.DataFrame) -> pd.DataFrame:

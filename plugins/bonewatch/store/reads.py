@@ -33,7 +33,7 @@ RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "
 
 LAB_COLUMNS = {"result_id": "text", "patient_id": "text", "analyte": "text", "value": "float",
                "censor": "text", "unit": "text", "collected_at": "instant", "collected_date": "day",
-               "status": "text"}
+               "status": "text", "collected_basis": "text"}
 EVENT_COLUMNS = {"patient_id": "text", "event_type": "text", "occurred_at": "instant",
                  "occurred_date": "day", "value": "text", "detail": "text"}
 _BATCH_TABLE = "_bw_eval_batch"
