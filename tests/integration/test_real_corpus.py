@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,23 +30,14 @@ FILES: dict[str, dict] = EXPECTED["files"]
 TOLERANCE = EXPECTED["value_tolerance"]
 
 
-def corpus_folders() -> list[Path]:
-    """Where the data files may be, in order: `BONEWATCH_REAL_CORPUS`, this folder, and
-    `shared/corpus/real/` beside the checkout or beside any folder above it (the files are
-    third-party data, kept out of the repository's history; see the README)."""
-    folders = [Path(os.environ["BONEWATCH_REAL_CORPUS"])] if os.environ.get("BONEWATCH_REAL_CORPUS") else []
-    folders.append(CORPUS)
-    folders += [parent / "shared" / "corpus" / "real" for parent in CORPUS.parents]
-    return folders
-
-
 def data_folder() -> Path:
-    """The first folder holding every file of `expected.json`; fails (never skips) without one."""
-    for folder in corpus_folders():
-        if all((folder / name).is_file() for name in FILES):
-            return folder
-    pytest.fail("the real-corpus data files are in none of: "
-                + ", ".join(str(f) for f in corpus_folders()[:3]) + ", ...; see tests/data/real/README.md")
+    """The folder of the data files (this one; they are committed beside the README, see it),
+    once every file of `expected.json` is there; fails (never skips) naming the missing ones."""
+    missing = sorted(name for name in FILES if not (CORPUS / name).is_file())
+    if missing:
+        pytest.fail(f"real-corpus data files missing from {CORPUS}: {', '.join(missing)}; "
+                    "see tests/data/real/README.md")
+    return CORPUS
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +162,7 @@ def test_readme_names_every_file_with_its_origin():
         assert "/" in origin and "@ `" in origin, f"{name}: the README gives its repository, path and commit"
 
 
-def test_files_are_byte_for_byte_as_published():
+def test_files_match_their_sha256():
     folder = data_folder()
     changed = [name for name, expected in FILES.items()
                if hashlib.sha256((folder / name).read_bytes()).hexdigest() != expected["sha256"]]
