@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import select
 
 from bonewatch import pipeline
 from bonewatch.config import load_settings
 from bonewatch.store import db
-from bonewatch.store.tables import clinical_events, deliveries, lab_results, patient_refs, quarantine
+from bonewatch.store.tables import (
+    clinical_events,
+    deliveries,
+    delivery_codes,
+    lab_results,
+    patient_refs,
+    quarantine,
+)
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text("utf-8"))
@@ -44,36 +51,20 @@ def data_folder() -> Path:
 # what the store holds for one delivery
 
 
-def code_counts(conn, delivery_id: str) -> tuple[dict[str, int], dict[str, int]] | None:
-    """(not monitored, unmapped local) result counts per code, or None while the store keeps none.
-
-    LEAD: point this at the per-code counts of SPEC 2.5 once they exist. It assumes a table
-    `code_counts` with a code column, a kind column telling "not monitored" from "unmapped" and a
-    count column (names guessed below), per delivery when it has a `delivery_id` column, else
-    summed over the table (the store of these tests holds one file and, at most, a Patient file
-    loaded before it, which counts no code)."""
-    if "code_counts" not in inspect(conn).get_table_names():
-        return None
-    from sqlalchemy import MetaData, Table
-
-    table = Table("code_counts", MetaData(), autoload_with=conn)
-    columns = set(table.c.keys())
-    kind = next(c for c in ("kind", "category", "outcome", "status") if c in columns)
-    number = next(c for c in ("count", "rows", "n", "results") if c in columns)
-    query = select(table.c.code, table.c[kind], table.c[number])
-    if "delivery_id" in columns:
-        query = query.where(table.c.delivery_id == delivery_id)
+def code_counts(conn, delivery_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(not monitored, unmapped local) result counts per code of this delivery (`delivery_codes`)."""
     not_monitored: dict[str, int] = {}
     unmapped: dict[str, int] = {}
-    for code, what, n in conn.execute(query):
-        target = not_monitored if "monitor" in str(what) else unmapped
+    c = delivery_codes.c
+    for code, kind, n in conn.execute(select(c.code, c.kind, c.rows).where(c.delivery_id == delivery_id)):
+        target = not_monitored if kind == "not_monitored" else unmapped
         target[code] = target.get(code, 0) + int(n)
     return not_monitored, unmapped
 
 
 def stored_events(conn, delivery_id: str) -> set[tuple[str, str, str]]:
-    """(patient, event type, value) of the events this delivery stored. LEAD: if birth date and
-    sex move out of `clinical_events` (timeless demographics, SPEC 2.5), read them from there too."""
+    """(patient, event type, value) of the events this delivery stored (birth date and sex too:
+    the store keeps the latest delivery's, SPEC 2.5)."""
     rows = conn.execute(select(clinical_events.c.patient_id, clinical_events.c.event_type,
                                clinical_events.c.value).where(clinical_events.c.delivery_id == delivery_id))
     return {tuple(row) for row in rows}
