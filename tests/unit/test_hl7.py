@@ -408,6 +408,7 @@ def test_small_chunks_give_the_same_rows_as_one_chunk(tmp_path, settings):
     big, big_bad, big_sizes = read(path, settings, 1000)
     small, small_bad, small_sizes = read(path, settings, 2)
     pd.testing.assert_frame_equal(small, big)
+    assert list(big["result_id"]) == hl7_result_ids(rows) and big["result_id"].is_unique  # 2160-0 up to 3 times
     assert small_bad == big_bad and len(big_bad) == 1
     assert big_sizes == [len(rows)] and all(size <= 2 for size in small_sizes) and sum(small_sizes) == len(rows)
     assert len(small_sizes) == -(-len(rows) // 2)

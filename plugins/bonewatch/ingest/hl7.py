@@ -19,7 +19,7 @@ feeds. The mapping:
   one (coding system `LN`, or the literal `LOINC`, any case) wherever it is; else the first whose
   code is in `[ingest] code_map`; else the first code sent (`feeds.parse_labs` decides what is
   monitored). `001370^Creatinine^L^2160-0^Creatinine^LN` (the LabCorp shape) gives `2160-0`;
-- result_id: the identity of the result within its accession (`result_id`, below);
+- result_id: the identity of the result within its accession (below);
 - OBX-14, else OBR-7 -> collected_at, `YYYYMMDD[HH[MM[SS[.S...]]]][+/-ZZZZ]` rendered as ISO-8601
   (`+HH:MM` only when an offset was sent; a date alone stays a date); a malformed timestamp is
   passed through as sent, so the canonical parser rejects it as an impossible date;
@@ -37,7 +37,7 @@ a later message corrects the result (OBX-11 `C`), so that the correction replace
    `number^namespace`); when OBR-3 is empty, the filler number of the ORC before the OBR (ORC-3);
    when neither is sent, the placer order number (OBR-2, else ORC-2) prefixed `placer:`, so a
    placer number never meets a filler number of the same value;
-2. the OBR's universal service id (OBR-4.1; OBR-4.4 when 4.1 is empty);
+2. the OBR's universal service id (OBR-4.1; when it is empty, the alternate identifier 4.4, else 4.10);
 3. the OBX-3 code chosen above, and the OBX-4 sub-id when sent;
 4. when the same test occurs again with the same sub-id under the same order and service in one
    message (a repeated OBX), its occurrence number (2, 3, ...): the n-th copy is the n-th result.
