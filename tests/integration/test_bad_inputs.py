@@ -39,11 +39,13 @@ LOADS = {
     "censored_and_statuses.csv": ({"B1", "B2", "B3"}, 0, 2, ("unparseable value", "unknown status")),
     "events_bad.events.csv": (set(), 2, 5, ("unknown event type", "unknown sex value", "unparseable value",
                                              "unparseable dose", "impossible birth date")),
-    "no_pid.hl7": ({"ORD1-1"}, 0, 1, ("no PID segment",)),
-    "unknown_code_and_unit.hl7": ({"ORD2-1"}, 0, 2, ("cannot be converted", "impossible date")),
-    "truncated.hl7": ({"ORD1-1"}, 0, 1, ("missing",)),
-    "adt_not_oru.hl7": ({"ORD1-1"}, 0, 1, ("not an ORU^R01 message",)),
-    "old_version.hl7": ({"ORD1-1"}, 0, 1, ("unsupported HL7 version",)),
+    # HL7: the good messages' PID-7 / PID-8 give the birth date and sex (once a file per patient)
+    "no_pid.hl7": ({"ORD1|BMP|2160-0"}, 2, 1, ("no PID segment",)),
+    "unknown_code_and_unit.hl7": ({"ORD2|BMP|2160-0"}, 2, 2, ("cannot be converted", "impossible date")),
+    "truncated.hl7": ({"ORD1|BMP|2160-0"}, 2, 1, ("missing",)),
+    "adt_not_oru.hl7": ({"ORD1|BMP|2160-0"}, 2, 1, ("not an ORU^R01 message",)),
+    # the 2.1 message's OBX and its PID's birth date and sex are quarantined
+    "old_version.hl7": ({"ORD1|BMP|2160-0"}, 2, 2, ("unsupported HL7 version",)),
     "bad_entries.json": ({"F1", "F7"}, 2, 5, ("subject reference not found", "impossible date",
                                               "without resourceType", "entry without resource", "cannot be converted")),
     "bad_lines.ndjson": ({"N1", "N5"}, 2, 4, ("not JSON", "subject reference not found", "subject",
@@ -112,7 +114,7 @@ def test_duplicate_delivery_is_loaded_once(settings, engine):
 
 
 @pytest.mark.parametrize("name, result_id", [("correction_first.csv", "B9"),
-                                             ("correction_before_original.hl7", "ORD5-1")])
+                                             ("correction_before_original.hl7", "ORD5|BMP|2160-0")])
 def test_a_correction_before_its_original_still_wins(name, result_id, settings, engine):
     summary = pipeline.ingest(settings, [CORPUS / name])
     assert summary.failed_files == 0
@@ -132,4 +134,5 @@ def test_cli_reports_each_unreadable_file_in_one_line(settings, engine, tmp_path
     errors = cli.stderr.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("error: cannot read ") for line in errors)
     assert "truncated.json, line " in cli.stderr and "wrong_header.csv, line 1" in cli.stderr
-    assert "3 file(s): 1 rows accepted, 0 not monitored, 1 quarantined, 2 unreadable" in cli.stdout
+    # a result, a birth date, a sex
+    assert "3 file(s): 3 rows accepted, 0 not monitored, 1 quarantined, 2 unreadable" in cli.stdout

@@ -40,14 +40,24 @@ def ctx(settings, chunk_rows: int = 1000) -> ReadContext:
 
 
 def read(path: Path, settings, chunk_rows: int = 1000) -> tuple[pd.DataFrame, list, list]:
-    """All rows (one frame), all bad rows, and the chunk sizes."""
+    """All lab rows (one frame), all bad rows, and the lab chunks' sizes."""
+    labs, _, bad, sizes = read_all(path, settings, chunk_rows)
+    return labs, bad, sizes
+
+
+def read_all(path: Path, settings, chunk_rows: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame, list, list]:
+    """All lab rows, all event rows (each one frame), all bad rows, and the lab chunks' sizes."""
     items = list(read_hl7(path, ctx(settings, chunk_rows)))
-    assert all(kind == "labs" for kind, _ in items)
-    frames = [chunk.frame for _, chunk in items]
-    for frame in frames:
-        assert list(frame.columns) == feeds.LAB_COLUMNS and frame.index.name == "line"
-    frame = pd.concat(frames) if frames else pd.DataFrame(columns=feeds.LAB_COLUMNS)
-    return frame, [bad for _, chunk in items for bad in chunk.bad_rows], [len(f) for f in frames]
+    assert {kind for kind, _ in items} <= {"labs", "events"}
+    frames = {"labs": [], "events": []}
+    for kind, chunk in items:
+        columns = feeds.LAB_COLUMNS if kind == "labs" else feeds.EVENT_COLUMNS
+        assert list(chunk.frame.columns) == columns and chunk.frame.index.name == "line"
+        assert chunk.frame.index.is_unique, "one frame holds one row a line"
+        frames[kind].append(chunk.frame)
+    labs, events = (pd.concat(frames[k]) if frames[k] else pd.DataFrame(columns=c)
+                    for k, c in (("labs", feeds.LAB_COLUMNS), ("events", feeds.EVENT_COLUMNS)))
+    return labs, events, [bad for _, chunk in items for bad in chunk.bad_rows], [len(f) for f in frames["labs"]]
 
 
 def message(cid: str, *segments: str, version: str = "2.5.1") -> list[str]:
@@ -106,10 +116,13 @@ def test_write_is_deterministic_and_shaped_as_specified(tmp_path):
 
 
 def test_result_ids_follow_the_message_grouping():
+    # a message per (patient, time): OBR-3 = its first result_id, OBR-4 = its first code; the second
+    # row of one code in a message is the second occurrence of that test
     rows = [("P1", "A", "2160-0", "1", "mg/dL", "2025-01-01", "final"),
             ("P2", "B", "2160-0", "1", "mg/dL", "2025-01-01", "final"),
-            ("P1", "C", "2160-0", "1", "mg/dL", "2025-01-01", "final")]
-    assert hl7_result_ids(rows) == ["A-1", "B-1", "A-2"]
+            ("P1", "C", "2160-0", "1", "mg/dL", "2025-01-01", "final"),
+            ("P1", "D", "6768-6", "1", "U/L", "2025-01-01", "final")]
+    assert hl7_result_ids(rows) == ["A|2160-0|2160-0", "B|2160-0|2160-0", "A|2160-0|2160-0||2", "A|2160-0|6768-6"]
 
 
 def test_separators_in_values_are_escaped_and_read_back(tmp_path, settings):
@@ -117,7 +130,8 @@ def test_separators_in_values_are_escaped_and_read_back(tmp_path, settings):
     write_hl7(path, [("P|1", "R^1", "2160-0", "see note", "mg&dL", "2025-01-01", "final")])
     frame, bad, _ = read(path, settings)
     assert bad == []
-    assert frame.iloc[0].tolist()[:5] == ["P|1", "R^1-1", "2160-0", "see note", "mg&dL"]
+    assert frame.iloc[0].tolist()[:5] == ["P|1", "R\\S\\1|2160-0|2160-0", "2160-0", "see note", "mg&dL"]
+    assert list(frame["result_id"]) == hl7_result_ids([("P|1", "R^1", "2160-0", "", "", "2025-01-01", "")])
 
 
 def test_sources_dispatch_hl7(tmp_path, settings):
@@ -255,10 +269,10 @@ def test_several_orders_and_patients_in_one_message(tmp_path, settings):
         "PID|2||P2", "OBX|1|NM|2160-0^^LN||3|mg/dL|||||F", "OBR|1||C|C|||20250117",
         "OBX|1|NM|2160-0^^LN||4|mg/dL|||||F")])
     frame, bad, _ = read(path, settings)
-    assert list(frame["result_id"]) == ["A-1", "B-1", "C-1"]
+    assert list(frame["result_id"]) == ["A|C|2160-0", "B|C|2160-0", "C|C|2160-0"]
     assert list(frame["patient_id"]) == ["P1", "P1", "P2"]
     assert list(frame["collected_at"]) == ["2025-01-15", "2025-01-16", "2025-01-17"]
-    assert [(line, reason) for line, _, reason in bad] == [(10, "OBX without an OBR order number")]
+    assert [(line, reason) for line, _, reason in bad] == [(10, "OBX without an OBR before it")]
 
 
 # ---------------------------------------------------------------------------------------- bad rows
@@ -283,25 +297,29 @@ def test_bad_messages_and_segments_are_quarantined_and_good_ones_kept(tmp_path, 
         handle.write(b"MSH|^~\\&|LAB|HOSP|BW|HOSP|20250115||ORU^R01|8|P|2.5\rPID|1||000999\r"
                      b"OBR|1||O8|C|||20250115\rOBX|1|NM|2160-0^^LN||1.")
     frame, bad, _ = read(path, settings)
-    assert list(frame.index) == [4, 6, 30, 32, 36]
-    assert list(frame["result_id"]) == ["ORD1-1", "ORD1-2", "ORD7-1", "ORD7-2", "O8-1"]
+    # An OBR without any order number (line 17) and an OBX without a set id (line 20) no longer
+    # stop the reader: the set id is not part of a result's identity, and a row without an id is
+    # emitted with an empty one, for `parse_labs` to quarantine if its code is monitored.
+    assert list(frame.index) == [4, 6, 18, 20, 30, 32, 36]
+    assert list(frame["result_id"]) == ["ORD1|CHEM|2160-0", "ORD1|CHEM|6768-6", "", "O4|C|2160-0",
+                                        "ORD7|CHEM|2160-0", "ORD7|CHEM|6768-6", "O8|C|2160-0"]
     reasons = [(line, reason) for line, _, reason in bad]
-    assert reasons[:6] == [
+    assert reasons[:4] == [
         (9, "message at line 7 has no PID segment"),
         (13, "PID-3 (patient id) is empty"),
-        (16, "OBX without an OBR order number"),
-        (18, "OBX without an OBR order number"),
-        (20, "OBX-1 (set id) is empty"),
+        (16, "OBX without an OBR before it"),
         (21, "not an ORU^R01 message (ADT^A01)"),
     ]
-    assert reasons[6][0] == 24 and reasons[6][1].startswith("the HL7 message cannot be parsed (")
-    assert len(reasons) == 7
+    assert reasons[4][0] == 24 and reasons[4][1].startswith("the HL7 message cannot be parsed (")
+    assert len(reasons) == 5
     assert bad[0][1] == "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F"
-    assert bad[5][1].startswith("MSH|^~\\&|ADT")
+    assert bad[3][1].startswith("MSH|^~\\&|ADT")
     assert all("SECRET42" not in reason and "\n" not in reason and len(reason) <= 200 for _, _, reason in bad)
     parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
-    assert list(parsed.rejected["reason"]) == ["unit '' cannot be converted for creatinine"]  # the cut-off OBX
-    assert len(parsed.rows) == 4
+    assert list(parsed.rejected["line"]) == [18, 36]
+    assert list(parsed.rejected["reason"]) == ["missing result_id",
+                                               "unit '' cannot be converted for creatinine"]  # the cut-off OBX
+    assert len(parsed.rows) == 5
 
 
 def test_obx_before_any_msh_is_quarantined(tmp_path, settings):
@@ -390,6 +408,218 @@ def test_small_chunks_give_the_same_rows_as_one_chunk(tmp_path, settings):
     big, big_bad, big_sizes = read(path, settings, 1000)
     small, small_bad, small_sizes = read(path, settings, 2)
     pd.testing.assert_frame_equal(small, big)
+    assert list(big["result_id"]) == hl7_result_ids(rows) and big["result_id"].is_unique  # 2160-0 up to 3 times
     assert small_bad == big_bad and len(big_bad) == 1
     assert big_sizes == [len(rows)] and all(size <= 2 for size in small_sizes) and sum(small_sizes) == len(rows)
     assert len(small_sizes) == -(-len(rows) // 2)
+
+
+# ---------------------------------------------------------------------------------------- real-feed shapes
+
+SHAPES = Path(__file__).resolve().parents[1] / "data" / "shapes" / "hl7"
+
+
+def one_obx(obx3: str, obr: str = "OBR|1||ACC1|CHEM|||20250115083000") -> list[str]:
+    return message("1", "PID|1||000123^^^HOSP^MR", obr, f"OBX|1|NM|{obx3}||1.2|mg/dL|||||F")
+
+
+@pytest.mark.parametrize(("obx3", "code"), [
+    ("001370^Creatinine^L^2160-0^Creatinine^LN", "2160-0"),            # LabCorp: local code, LOINC alternate
+    ("2160-0^Creatinine^LN^001370^Creatinine^L", "2160-0"),            # LOINC first
+    ("001370^Creatinine^99LAB^2160-0^Creatinine^ln", "2160-0"),        # the coding system in any case
+    ("001370^Creatinine^L^2160-0^Creatinine^LOINC", "2160-0"),         # LOINC spelled out
+    ("^Creatinine^L^2160-0^^LN", "2160-0"),                            # no primary identifier
+    ("001370^Creatinine^L^^^^^^Creatinine, serum^2160-0^Creatinine^LN", "2160-0"),  # CWE second alternate (10-12)
+    ("718-7^Hemoglobin^LN^HGB^Hemoglobin^L", "718-7"),                 # LOINC not monitored: still the LOINC
+    ("CR^Creatinine^L^LOCALCREA^Creatinine^99LOC", "LOCALCREA"),        # the coding in the hospital's code map
+    ("LOCALCREA^Creatinine^99LOC^CR^Creatinine^L", "LOCALCREA"),
+    ("HGB^Hemoglobin^L^HB^Hb^99LOC", "HGB"),                           # nothing LOINC, nothing mapped: the first
+    ("^^^HB^Hb^99LOC", "HB"),                                          # ... the first that is sent
+    ("2160-0", "2160-0"),                                              # a bare code
+    ("", ""),
+])
+def test_obx3_code_is_the_loinc_coding_wherever_it_is_else_the_mapped_one(tmp_path, settings, obx3, code):
+    frame, bad, _ = read(write(tmp_path / "c.hl7", [one_obx(obx3)]), settings)
+    assert bad == [] and list(frame["loinc"]) == [code]
+
+
+def test_labcorp_shape_gets_creatinine_in(settings):
+    frame, bad, _ = read(SHAPES / "labcorp_local_then_loinc.hl7", settings)
+    assert bad == [] and list(frame["loinc"]) == ["2160-0", "17861-6", "1751-7", "6768-6"]
+    parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
+    assert parsed.rejected.empty
+    assert list(parsed.rows["analyte"]) == ["creatinine", "calcium", "albumin", "alp"]
+    assert list(parsed.rows["value"]) == [1.2, 9.1, 4.1, 110.0]
+
+
+def test_two_panels_under_one_accession_keep_every_result(settings):
+    # a renal and a hepatic panel on accession ACC7788, each restarting OBX-1 at 1, albumin in both
+    frame, bad, _ = read(SHAPES / "two_panels_one_accession.hl7", settings)
+    assert bad == []
+    assert list(frame["result_id"]) == [
+        "ACC7788^HOSP_LAB|24362-6|2160-0", "ACC7788^HOSP_LAB|24362-6|17861-6", "ACC7788^HOSP_LAB|24362-6|1751-7",
+        "ACC7788^HOSP_LAB|24325-3|6768-6", "ACC7788^HOSP_LAB|24325-3|1751-7", "ACC7788^HOSP_LAB|24325-3|2324-2"]
+    assert frame["result_id"].is_unique
+
+
+def test_a_correction_in_a_later_message_has_the_identity_of_its_original(settings):
+    # the original is the third OBX of its panel; the correction comes alone, as OBX-1
+    original, _, _ = read(SHAPES / "correction" / "1_original.hl7", settings)
+    corrected, bad, _ = read(SHAPES / "correction" / "2_corrected.hl7", settings)
+    assert bad == []
+    assert list(corrected["result_id"]) == ["ACC9001^LAB|BMP|2160-0"]
+    assert original.set_index("result_id").loc["ACC9001^LAB|BMP|2160-0", "value"] == "1.50"
+    assert list(corrected["status"]) == ["C"] and list(corrected["value"]) == ["1.00"]
+
+
+@pytest.mark.parametrize(("segments", "ids"), [
+    # OBX-4 sub-ids tell two results of one test apart
+    (["OBR|1||A1|MICRO|||20250115", "OBX|1|NM|2160-0^^LN|1|1|mg/dL|||||F",
+      "OBX|2|NM|2160-0^^LN|2|2|mg/dL|||||F"], ["A1|MICRO|2160-0|1", "A1|MICRO|2160-0|2"]),
+    # the same test twice in one OBR without a sub-id: the second is the second occurrence
+    (["OBR|1||A1|CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F", "OBX|2|NM|2160-0^^LN||2|mg/dL|||||F",
+      "OBX|3|NM|2160-0^^LN||3|mg/dL|||||F"], ["A1|CHEM|2160-0", "A1|CHEM|2160-0||2", "A1|CHEM|2160-0||3"]),
+    # the set id is not part of the identity
+    (["OBR|1||A1|CHEM|||20250115", "OBX|7|NM|2160-0^^LN||1|mg/dL|||||F", "OBX||NM|6768-6^^LN||2|U/L|||||F"],
+     ["A1|CHEM|2160-0", "A1|CHEM|6768-6"]),
+    # without OBR-3: the ORC's filler number, then the placer number (OBR-2, else ORC-2)
+    (["ORC|RE|P9^EHR|F9^LAB", "OBR|1|P9^EHR||CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F"],
+     ["F9^LAB|CHEM|2160-0"]),
+    (["ORC|RE|P9^EHR", "OBR|1|||CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F",
+      "OBR|2|P8||CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F"],
+     ["placer:P9^EHR|CHEM|2160-0", "placer:P8|CHEM|2160-0"]),
+    # an ORC belongs to the OBR right after it only
+    (["ORC|RE||F9", "OBR|1||A1|CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F",
+      "OBR|2|||CHEM|||20250115", "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F"], ["A1|CHEM|2160-0", ""]),
+    # the service's identifier (4.1, else the alternate 4.4); separators inside a part are escaped
+    (["OBR|1||A\\F\\1|^Panel^L^CMP^CMP^99L|||20250115", "OBX|1|NM|X\\S\\Y^^L||1|mg/dL|||||F"],
+     ["A\\F\\1|CMP|X\\S\\Y"]),
+])
+def test_result_identity(tmp_path, settings, segments, ids):
+    frame, bad, _ = read(write(tmp_path / "id.hl7", [message("1", "PID|1||000123^^^HOSP^MR", *segments)]), settings)
+    assert bad == [] and list(frame["result_id"]) == ids
+
+
+def test_a_long_identity_is_hashed_deterministically(tmp_path, settings):
+    def ids(order: str) -> list[str]:
+        path = write(tmp_path / "long.hl7", [one_obx("2160-0^^LN", f"OBR|1||{order}|CHEM|||20250115")])
+        return list(read(path, settings)[0]["result_id"])
+
+    first, again, other = ids("A" * 150 + "1"), ids("A" * 150 + "1"), ids("A" * 150 + "2")
+    assert first == again and first != other
+    assert all(len(i) <= 120 and i.startswith("A" * 60) for i in first + other)
+
+
+@pytest.mark.parametrize(("pid7", "pid8", "facts", "bad"), [
+    ("19550402", "F", [("birth_date", "1955-04-02"), ("sex", "F")], False),
+    ("195504021230", "M", [("birth_date", "1955-04-02"), ("sex", "M")], False),
+    ("19550402000000-0500", "m", [("birth_date", "1955-04-02"), ("sex", "M")], False),
+    ("19550402", "", [("birth_date", "1955-04-02")], False),
+    ("", "F", [("sex", "F")], False),
+    ("19550402", "U", [("birth_date", "1955-04-02")], False),  # unknown, other, ambiguous, not applicable:
+    ("", "U", [], False),                                      # no sex
+    ("", "O", [], False),
+    ("", "A", [], False),
+    ("", "N", [], False),
+    ("", "", [], False),
+    ("19550230", "F", [("sex", "F")], True),    # no such day: a bad row, the sex still kept
+    ("1955", "", [], True),                     # a year alone gives no age in whole years
+    ("04/02/1955", "U", [], True),
+    ("18991231", "", [], True),
+])
+def test_pid7_and_pid8_become_birth_date_and_sex(tmp_path, settings, pid7, pid8, facts, bad):
+    pid = f"PID|1||000123^^^HOSP^MR||TEST^ONE||{pid7}|{pid8}"
+    path = write(tmp_path / "pid.hl7", [message("1", pid, "OBR|1||A1|CHEM|||20250115083000",
+                                                "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F")])
+    labs, events, bad_rows, _ = read_all(path, settings)
+    assert len(labs) == 1
+    assert [(row.event_type, row.value) for row in events.itertuples()] == facts
+    assert set(events["patient_id"]) <= {"000123"} and set(events["occurred_at"]) <= {"2025-01-15T09:00:00"}
+    assert set(events.index) <= {2}                                      # the PID's line
+    if bad:
+        assert [(line, text) for line, text, _ in bad_rows] == [(2, pid)]
+        reason = bad_rows[0][2]
+        assert "birth date" in reason and pid7 not in reason and "000123" not in reason
+    else:
+        assert bad_rows == []
+    parsed = feeds.parse_events(events.reset_index(drop=True), settings, "d", RECEIVED)
+    assert parsed.rejected.empty and len(parsed.rows) == len(facts)
+
+
+def test_demographics_of_a_file_once_per_patient_and_fact(settings):
+    labs, events, bad, _ = read_all(SHAPES / "pid_demographics.hl7", settings)
+    assert len(labs) == 3
+    # 000123 sent twice: one row a fact, the last one; 000456 in a message without OBX, sex U;
+    # 000789 born on 30 February: a bad row, the sex kept
+    assert sorted(events.itertuples(name=None)) == [
+        (6, "000123", "birth_date", "2025-01-16T09:00:00", "1955-04-02", ""),
+        (6, "000123", "sex", "2025-01-16T09:00:00", "F", ""),
+        (10, "000456", "birth_date", "2025-01-16T10:00:00", "1948-07-11", ""),
+        (12, "000789", "sex", "2025-01-16T11:00:00", "M", ""),
+    ]
+    assert [(line, reason) for line, _, reason in bad] == [
+        (12, "PID-7 (birth date) is not a full calendar date from 1900 on")]
+
+
+def test_demographics_dedupe_keeps_the_last_value_sent(tmp_path, settings):
+    sexes = ["F"] * 300 + ["M", "F"]
+    messages = [[f"MSH|^~\\&|LAB|HOSP|BW|HOSP|202501{1 + n // 24:02d}{n % 24:02d}0000||ORU^R01|{n}|P|2.5.1",
+                 f"PID|1||000123^^^HOSP^MR||||19550402|{sex}"] for n, sex in enumerate(sexes)]
+    _, events, bad, _ = read_all(write(tmp_path / "many.hl7", messages), settings)
+    assert bad == []
+    facts = sorted(zip(events["event_type"], events["value"], events["occurred_at"], strict=True))
+    # one birth date, and of the sexes the last F (after the M) and that M: the latest one is F
+    assert facts == [("birth_date", "1955-04-02", "2025-01-13T13:00:00"), ("sex", "F", "2025-01-13T13:00:00"),
+                     ("sex", "M", "2025-01-13T12:00:00")]
+
+
+def test_demographics_occurred_at_falls_back_to_obr7_then_the_day_received(tmp_path, settings):
+    pid = "PID|1||000123^^^HOSP^MR||||19550402|F"
+    path = write(tmp_path / "at.hl7", [
+        ["MSH|^~\\&|LAB|HOSP|BW|HOSP|||ORU^R01|1|P|2.5.1", pid, "OBR|1||A1|CHEM|||20250110",
+         "OBX|1|NM|2160-0^^LN||1|mg/dL|||||F"],
+        ["MSH|^~\\&|LAB|HOSP|BW|HOSP|20250230||ORU^R01|2|P|2.5.1", pid.replace("000123", "000456")],
+    ])
+    _, events, bad, _ = read_all(path, settings)
+    assert bad == []
+    assert sorted(set(zip(events["patient_id"], events["occurred_at"], strict=True))) == [
+        ("000123", "2025-01-10"), ("000456", RECEIVED.date().isoformat())]
+
+
+def test_demographics_that_cannot_be_used_are_bad_rows(tmp_path, settings):
+    path = write(tmp_path / "nopid.hl7", [
+        message("1", "PID|1||^^^HOSP^MR||||19550402|F"),                       # no patient id
+        message("2", "PID|1||000123^^^HOSP^MR||||19550402|F", version="2.1"),  # a message not read
+        message("3", "PID|1||000456^^^HOSP^MR||||19550402|U"),
+    ])
+    _, events, bad, _ = read_all(path, settings)
+    assert list(events.itertuples(name=None)) == [(6, "000456", "birth_date", "2025-01-15T09:00:00", "1955-04-02", "")]
+    assert [(line, reason) for line, _, reason in bad] == [(2, "PID-3 (patient id) is empty"),
+                                                           (4, "unsupported HL7 version '2.1'")]
+
+
+def test_demographic_events_chunked_one_row_a_line_a_frame(tmp_path, settings):
+    messages = [message(str(n), f"PID|1||P{n}^^^HOSP^MR||||19550402|F") for n in range(5)]
+    items = list(read_hl7(write(tmp_path / "d.hl7", messages), ctx(settings, chunk_rows=4)))
+    assert all(kind == "events" for kind, _ in items)
+    frames = [chunk.frame for _, chunk in items]
+    assert all(frame.index.is_unique for frame in frames)
+    rows = pd.concat(frames)
+    assert len(rows) == 10 and sorted(rows.index) == sorted([2, 4, 6, 8, 10] * 2)
+    assert sorted(rows["event_type"].value_counts().items()) == [("birth_date", 5), ("sex", 5)]
+
+
+def test_write_hl7_writes_demographics_when_given(tmp_path, settings):
+    plain, with_pid = tmp_path / "plain.hl7", tmp_path / "pid.hl7"
+    write_hl7(plain, ROWS)
+    write_hl7(with_pid, ROWS, demographics={"000123": ("1955-04-02", "F"), "000456": ("", "M")})
+    assert b"||||" not in plain.read_bytes().split(b"\r")[1]             # the default output is as before
+    labs, events, bad, _ = read_all(with_pid, settings)
+    assert bad == []
+    pd.testing.assert_frame_equal(labs, read(plain, settings)[0])
+    assert sorted(zip(events["patient_id"], events["event_type"], events["value"], events["occurred_at"],
+                      strict=True)) == [
+        ("000123", "birth_date", "1955-04-02", "2025-03-01"),            # the last message of the patient
+        ("000123", "sex", "F", "2025-03-01"),
+        ("000456", "sex", "M", "2025-02-01T07:00:00+01:00"),
+    ]

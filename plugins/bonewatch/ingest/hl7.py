@@ -1,21 +1,52 @@
-"""HL7 v2 ORU^R01 lab deliveries (SPEC 2.2): stream a file as canonical lab chunks, and write one.
+"""HL7 v2 ORU^R01 lab deliveries (SPEC 2.2): stream a file as canonical chunks, and write one.
 
 `read_hl7` reads the file incrementally, one message at a time, and turns every OBX segment into a
-row of raw strings in `feeds.LAB_COLUMNS`; `feeds.parse_labs` then does every value-level check
-(codes through the configured code map, units, numbers, censoring, dates, statuses) exactly as for
-the lab CSV. The mapping:
+row of raw strings in `feeds.LAB_COLUMNS` ("labs" chunks) and every PID's birth date and sex into
+rows in `feeds.EVENT_COLUMNS` ("events" chunks); `feeds.parse_labs` / `feeds.parse_events` then do
+every value-level check (codes, units, numbers, censoring, dates, statuses) exactly as for the CSV
+feeds. The mapping:
 
 - PID-3 -> patient_id: the repetition whose identifier type (CX.5) is MR, else the first non-empty
   repetition; component 1 only, as sent (leading zeros kept);
-- OBR-3.1 (filler order number) + OBX-1 (set id) -> result_id `"<OBR-3>-<set id>"`;
+- PID-7 -> a `birth_date` event (its date part, `YYYY-MM-DD`; a value that is not a full calendar
+  date from 1900 on is a bad row whose reason does not quote it); PID-8 -> a `sex` event for F or
+  M (U, O, A, N, empty: nothing). Their `occurred_at` is when the message was made (MSH-7), else the
+  first OBR-7 of the message, else the day the file was received (SPEC 2.5 treats them as timeless).
+  Within a chunk, one row per patient, fact and value (the last one sent): a file of a thousand
+  messages for one patient gives two events, not two thousand;
+- OBX-3 -> loinc: of its codings (identifier + coding system: components 1-3, the alternate 4-6
+  and, in the v2.7+ CWE that some v2.5.1 profiles pre-adopt, the second alternate 10-12) the LOINC
+  one (coding system `LN`, or the literal `LOINC`, any case) wherever it is; else the first whose
+  code is in `[ingest] code_map`; else the first code sent (`feeds.parse_labs` decides what is
+  monitored). `001370^Creatinine^L^2160-0^Creatinine^LN` (the LabCorp shape) gives `2160-0`;
+- result_id: the identity of the result within its accession (below);
 - OBX-14, else OBR-7 -> collected_at, `YYYYMMDD[HH[MM[SS[.S...]]]][+/-ZZZZ]` rendered as ISO-8601
   (`+HH:MM` only when an offset was sent; a date alone stays a date); a malformed timestamp is
   passed through as sent, so the canonical parser rejects it as an impossible date;
-- OBX-3.1 -> loinc (the code as sent), OBX-6.1 -> unit;
+- OBX-6.1 -> unit;
 - OBX-5 -> value: for value type SN (structured numeric) comparator + number (`<^5` -> `<5`,
   `>=^1000` -> `>=1000`, `^5` -> `5`); for any other type, component 1;
 - OBX-11 -> status: F, C, P, X as sent; W (wrong) and D (deleted) withdraw a result -> `cancelled`;
   I, R, S (not yet final) -> `preliminary`; anything else as sent (and rejected downstream).
+
+A result's identity (SPEC 2.2) must be unique within an accession, where labs put several OBR
+groups (panels) under one filler order number and restart OBX-1 in each, and must be the same when
+a later message corrects the result (OBX-11 `C`), so that the correction replaces it. It is made of:
+
+1. the order: the filler order number (OBR-3.1, with its namespace OBR-3.2 when sent as
+   `number^namespace`); when OBR-3 is empty, the filler number of the ORC before the OBR (ORC-3);
+   when neither is sent, the placer order number (OBR-2, else ORC-2) prefixed `placer:`, so a
+   placer number never meets a filler number of the same value;
+2. the OBR's universal service id (OBR-4.1; when it is empty, the alternate identifier 4.4, else 4.10);
+3. the OBX-3 code chosen above, and the OBX-4 sub-id when sent;
+4. when the same test occurs again with the same sub-id under the same order and service in one
+   message (a repeated OBX), its occurrence number (2, 3, ...): the n-th copy is the n-th result.
+
+The parts are joined with `|` (each part HL7-escaped, so no two identities meet):
+`9700123^LAB|CMP|2160-0`, `9700123^LAB|CMP|2160-0|1`, `9700123^LAB|CMP|2160-0||2`. An identity
+longer than 120 characters keeps its first 79 and appends `#` + its SHA-1. OBX-1 (set id) is not
+part of it. An OBX whose order has no number at all is still emitted, with an empty result_id
+(`feeds.parse_labs` quarantines it if bonewatch monitors its code).
 
 The structure of each message (segments, fields, repetitions, components) is parsed with
 python-hl7 (`hl7.parse`): it is lenient, small and well kept. hl7apy was not chosen: it validates
@@ -43,8 +74,9 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
-from datetime import datetime
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -52,7 +84,7 @@ import hl7
 import pandas as pd
 
 from bonewatch.errors import SourceUnreadable
-from bonewatch.ingest.feeds import LAB_COLUMNS
+from bonewatch.ingest.feeds import EVENT_COLUMNS, LAB_COLUMNS
 from bonewatch.ingest.parsing import STATUS_MAP
 from bonewatch.ingest.reader import Chunk
 
@@ -70,13 +102,22 @@ _FRAMING = b"\x0b\x1c"
 _EOL = re.compile(rb"\r\n|\r|\n")
 _MSH_AT_SEGMENT_START = re.compile(rb"(?:\A|[\r\n\x0b\x1c])(?:\xef\xbb\xbf)?[ \t]*MSH")
 _ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
-_RESULT_SEGMENTS = {"PID", "OBR", "OBX"}   # batch-protocol envelope: ends a message, ignored
+_RESULT_SEGMENTS = {"PID", "OBR", "OBX"}   # the segments parsed; ORC is read only when needed
 _TS = re.compile(r"(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?([+-]\d{4})?")
 _ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2})?")
 _CENSORED = re.compile(r"\s*([<>]=?)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
 _NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
 _COMPARATORS = {"", "=", "<", ">", "<=", ">=", "<>"}
 _LETTER_OF_STATUS = {"final": "F", "corrected": "C", "preliminary": "P", "cancelled": "X"}
+#: coding systems that name LOINC in OBX-3 (HL7 table 0396 says `LN`; some interfaces spell it out)
+LOINC_SYSTEMS = frozenset({"LN", "LOINC"})
+#: (identifier, coding system) component positions of the codings of a CE / CWE (0-based)
+_CODINGS = ((0, 2), (3, 5), (9, 11))
+#: administrative sex (PID-8, HL7 table 0001) -> the `sex` event; U, O, A, N and the rest: nothing
+SEX_OF_HL7 = {"F": "F", "M": "M"}
+RESULT_ID_LONGEST = 120               # the store holds 200; a longer identity is hashed (see above)
+_RESULT_ID_KEPT = RESULT_ID_LONGEST - 41
+PLACER_PREFIX = "placer:"
 
 Line = tuple[int, bytes]
 Bad = tuple[int, str, str]
@@ -249,6 +290,29 @@ class _Fields:
             node = node[0]
         return self.unescape(node).strip()
 
+    def components(self, segment, field: int) -> list[str]:
+        """The components of a field's first repetition (each its first sub-component), unescaped:
+        one `get` for all of them, for the coded fields whose every coding is looked at."""
+        if field >= len(segment) or not segment[field]:
+            return []
+        first = segment[field][0]
+        if isinstance(first, str):
+            return [self.unescape(first).strip()]
+        out = []
+        for node in first:
+            while not isinstance(node, str):
+                node = node[0] if node else ""
+            out.append(self.unescape(node).strip())
+        return out
+
+    def split_components(self, text: str, field: int) -> list[str]:
+        """The same from a segment's raw text (a segment that was not parsed: ORC)."""
+        fields = text.split(self.table["F"])
+        if field >= len(fields):
+            return []
+        value = fields[field].split(self.table["R"])[0]
+        return [self.unescape(c.split(self.table["T"])[0]).strip() for c in value.split(self.table["S"])]
+
     def unescape(self, text: str) -> str:
         if self.esc not in text:
             return text
@@ -312,15 +376,121 @@ def _patient_id(fields: _Fields, pid) -> str:
 
 
 def _segment_id(segment) -> str:
-    return str(segment[0]).strip().upper() if len(segment) else ""
+    head = segment[0] if len(segment) else ""
+    while not isinstance(head, str):                    # its first string, not `str()` of the tree
+        head = head[0] if head else ""
+    return head.strip().upper()
 
 
-def _message_rows(group: list[tuple[int, str]]) -> tuple[list[tuple[int, tuple]], list[Bad]]:
-    """One message (its decoded lines, the first being MSH) -> (line, row) items and bad rows."""
+def observation_code(components: list[str], code_map: Mapping[str, str]) -> str:
+    """The code of a CE / CWE (its components, as `_Fields.components` gives them): the LOINC coding
+    wherever it is, else the first coding whose code is in `code_map`, else the first code sent."""
+    codings = [(components[i], components[s].upper() if s < len(components) else "")
+               for i, s in _CODINGS if i < len(components) and components[i]]
+    for code, system in codings:
+        if system in LOINC_SYSTEMS:
+            return code
+    for code, _ in codings:
+        if code in code_map:
+            return code
+    return codings[0][0] if codings else ""
+
+
+def _id_part(text: str) -> str:
+    """A part of a result identity, HL7-escaped so that the `|` and `^` joining parts stay unique."""
+    if "\\" in text or "|" in text or "^" in text:
+        text = text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
+    return text
+
+
+def order_number(entity: list[str]) -> str:
+    """An order number (EI: number ^ namespace ...) as it enters a result identity: `number^namespace`
+    when a namespace is sent, else `number`; "" without a number."""
+    if not entity or not entity[0]:
+        return ""
+    number = _id_part(entity[0])
+    return number + "^" + _id_part(entity[1]) if len(entity) > 1 and entity[1] else number
+
+
+def result_identity(order: str, service: str, code: str, sub_id: str, occurrence: int = 1) -> str:
+    """The result_id of an OBX (see the module docstring): `order` as `order_number` gives it;
+    "" when there is no order number. Deterministic: a correction sent later gets the same id."""
+    if not order:
+        return ""
+    parts = [order, _id_part(service), _id_part(code)]
+    if sub_id or occurrence > 1:
+        parts.append(_id_part(sub_id))
+    if occurrence > 1:
+        parts.append(str(occurrence))
+    identity = "|".join(parts)
+    if len(identity) > RESULT_ID_LONGEST:
+        identity = identity[:_RESULT_ID_KEPT] + "#" + hashlib.sha1(identity.encode()).hexdigest()
+    return identity
+
+
+def _first_code(components: list[str]) -> str:
+    """The universal service id's identifier (OBR-4.1, else the alternate 4.4, else 4.10)."""
+    return next((components[i] for i, _ in _CODINGS if i < len(components) and components[i]), "")
+
+
+def birth_date(text: str) -> str | None:
+    """PID-7 (TS / DTM) -> `YYYY-MM-DD`; None when it is not a full calendar date from 1900 on
+    (a year or month alone cannot give an age in whole years)."""
+    match = _TS.fullmatch(text)
+    if not match:
+        return None
+    year, month, day = (int(g) for g in match.groups()[:3])
+    try:
+        born = datetime(year, month, day)
+    except ValueError:
+        return None
+    return born.strftime("%Y-%m-%d") if year >= 1900 else None
+
+
+def _valid_timestamp(text: str) -> str:
+    """An HL7 timestamp as ISO-8601, or "" when it is empty or malformed."""
+    iso = hl7_timestamp(text)
+    return iso if text and iso != text.strip() else ""
+
+
+_BIRTH_DATE_BAD = "PID-7 (birth date) is not a full calendar date from 1900 on"
+
+
+class _Message:
+    """What one message gives: lab rows and event rows, each `(line, row)`, and bad rows."""
+
+    __slots__ = ("rows", "events", "bad", "bad_births")
+
+    def __init__(self):
+        self.rows: list[tuple[int, tuple]] = []
+        self.events: list[tuple[int, tuple]] = []
+        self.bad: list[Bad] = []
+        #: unusable birth dates, keyed (patient, PID-7): one bad row a patient and value a chunk
+        self.bad_births: list[tuple[tuple[str, str], Bad]] = []
+
+
+def _message_rows(group: list[tuple[int, str]], code_map: Mapping[str, str], received_date: str) -> _Message:
+    """One message (its decoded lines, the first being MSH) -> its lab rows, events and bad rows."""
+    out = _Message()
     msh_line, msh_text = group[0]
     # Only the segments that carry results are parsed (python-hl7 builds every field's tree; NTE,
     # PV1, ORC... would cost time and give nothing). Each kept line stays paired with its segment.
-    group = [group[0], *(item for item in group[1:] if item[1][:3].upper() in _RESULT_SEGMENTS)]
+    # An ORC is kept as text beside the OBR after it: its order numbers are read only when that
+    # OBR sends none of its own.
+    kept = [group[0]]
+    orc_before: dict[int, str] = {}
+    orc = ""
+    for item in group[1:]:
+        head = item[1][:3].upper()
+        if head == "ORC":
+            orc = item[1]
+        elif head in _RESULT_SEGMENTS:
+            kept.append(item)
+            if head == "OBR" and orc:
+                orc_before[item[0]] = orc
+            if head != "OBX":
+                orc = ""                                # an ORC belongs to the OBR right after it
+    group = kept
     try:
         message = hl7.parse("\r".join(text for _, text in group))
         fields = _Fields(message)
@@ -329,33 +499,50 @@ def _message_rows(group: list[tuple[int, str]]) -> tuple[list[tuple[int, tuple]]
         # may quote a field (patient data): name its type only
         detail = (str(exc).splitlines() or [""])[0] if isinstance(exc, hl7.ParseException) else ""
         reason = f"the HL7 message cannot be parsed ({type(exc).__name__}{': ' + detail if detail else ''})"
-        return [], [(msh_line, msh_text, reason[:200])]
+        out.bad.append((msh_line, msh_text, reason[:200]))
+        return out
     segments = list(zip(group, message, strict=False))
     msh = message[0]
     kind = [fields.get(msh, 9, 1, 1), fields.get(msh, 9, 1, 2)]
     if [k.upper() for k in kind] != ["ORU", "R01"]:
         shown = "^".join(k[:16] for k in kind if k) or "MSH-9 empty"
-        return [], [(msh_line, msh_text, f"not an ORU^R01 message ({shown})")]
+        out.bad.append((msh_line, msh_text, f"not an ORU^R01 message ({shown})"))
+        return out
     version = fields.get(msh, 12, 1, 1)
     message_reason = ""
     if version not in SUPPORTED_VERSIONS:
         message_reason = f"unsupported HL7 version '{version[:16]}'" if version else "missing HL7 version (MSH-12)"
     has_pid = any(_segment_id(segment) == "PID" for _, segment in segments)
     patient: str | None = None
-    order = ""
-    observed_at = ""
-    rows: list[tuple[int, tuple]] = []
-    bad: list[Bad] = []
+    order = service = observed_at = ""
+    in_order = False
+    first_observed = ""
+    occurrences: Counter[tuple[str, str, str, str]] = Counter()
+    demographics: list[tuple[int, str, str, str, str]] = []     # line, text, patient, PID-7, PID-8
     for (line, text), segment in segments:
         name = _segment_id(segment)
         if name == "PID":
             patient = _patient_id(fields, segment)
-            order, observed_at = "", ""                 # a new patient result group: no order yet
+            order, service, observed_at, in_order = "", "", "", False  # a new patient result group
+            born, sex = fields.get(segment, 7, 1, 1), fields.get(segment, 8, 1, 1)
+            if born or sex:
+                demographics.append((line, text, patient, born, sex))
         elif name == "OBR":
-            order = fields.get(segment, 3, 1, 1)
+            in_order = True
+            order = order_number(fields.components(segment, 3))
+            orc_text = orc_before.get(line, "")
+            if not order and orc_text:
+                order = order_number(fields.split_components(orc_text, 3))
+            if not order:
+                placer = order_number(fields.components(segment, 2))
+                if not placer and orc_text:
+                    placer = order_number(fields.split_components(orc_text, 2))
+                order = PLACER_PREFIX + placer if placer else ""
+            service = _first_code(fields.components(segment, 4))
             observed_at = fields.get(segment, 7, 1, 1)
+            if not first_observed:
+                first_observed = _valid_timestamp(observed_at)
         elif name == "OBX":
-            set_id = fields.get(segment, 1, 1, 1)
             if message_reason:
                 reason = message_reason
             elif not has_pid:
@@ -364,23 +551,48 @@ def _message_rows(group: list[tuple[int, str]]) -> tuple[list[tuple[int, tuple]]
                 reason = f"OBX before the PID segment of the message at line {msh_line}"
             elif patient == "":
                 reason = "PID-3 (patient id) is empty"
-            elif order == "":
-                reason = "OBX without an OBR order number"
-            elif set_id == "":
-                reason = "OBX-1 (set id) is empty"
+            elif not in_order:
+                reason = "OBX without an OBR before it"
             else:
                 reason = ""
             if reason:
-                bad.append((line, text, reason))
+                out.bad.append((line, text, reason))
                 continue
+            code = observation_code(fields.components(segment, 3), code_map)
+            sub_id = fields.get(segment, 4, 1, 1)
+            key = (order, service, code, sub_id)
+            occurrences[key] += 1
             value = (_structured_numeric(fields, segment) if fields.get(segment, 2, 1, 1).upper() == "SN"
                      else fields.get(segment, 5, 1, 1))
             status = fields.get(segment, 11, 1, 1)
             status = STATUS_OF_HL7.get(status.upper(), status)
             collected = fields.get(segment, 14, 1, 1) or observed_at
-            rows.append((line, (patient, f"{order}-{set_id}", fields.get(segment, 3, 1, 1), value,
-                                fields.get(segment, 6, 1, 1), hl7_timestamp(collected), status)))
-    return rows, bad
+            out.rows.append((line, (patient, result_identity(*key, occurrences[key]), code, value,
+                                    fields.get(segment, 6, 1, 1), hl7_timestamp(collected), status)))
+    if demographics:
+        recorded = _valid_timestamp(fields.get(msh, 7, 1, 1)) or first_observed or received_date
+        for line, text, mrn, born, sex in demographics:
+            _demographic_events(out, line, text, mrn, born, sex, recorded, message_reason)
+    return out
+
+
+def _demographic_events(out: _Message, line: int, text: str, patient: str, born: str, sex: str,
+                        recorded: str, message_reason: str) -> None:
+    """A PID's birth date and sex -> `birth_date` / `sex` events of `out` (or its bad row)."""
+    sex = SEX_OF_HL7.get(sex.upper(), "")
+    born_iso = birth_date(born) if born else None
+    if not (sex or born):
+        return                                          # PID-8 U / O / A / N alone: nothing to say
+    if message_reason or not patient:
+        out.bad.append((line, text, message_reason or "PID-3 (patient id) is empty"))
+        return
+    if born and born_iso is None:
+        # the value is not quoted: it is patient data
+        out.bad_births.append(((patient, born), (line, text, _BIRTH_DATE_BAD)))
+    elif born_iso:
+        out.events.append((line, (patient, "birth_date", recorded, born_iso, "")))
+    if sex:
+        out.events.append((line, (patient, "sex", recorded, sex, "")))
 
 
 def _orphans(group: list[tuple[int, str]]) -> list[Bad]:
@@ -403,34 +615,81 @@ def _check_head(path: Path) -> None:
         raise SourceUnreadable(path, 1, "no MSH segment: not an HL7 v2 file")
 
 
-def _frame(rows: list[tuple[int, tuple]]) -> pd.DataFrame:
+def _frame(rows: list[tuple[int, tuple]], columns: list[str] = LAB_COLUMNS) -> pd.DataFrame:
     index = pd.Index([line for line, _ in rows], dtype="int64", name="line")
-    return pd.DataFrame([row for _, row in rows], columns=LAB_COLUMNS, index=index, dtype=object)
+    return pd.DataFrame([row for _, row in rows], columns=columns, index=index, dtype=object)
+
+
+class _Demographics:
+    """The birth date and sex events of a chunk, one per (patient, fact, value): the last one sent
+    (its line and `occurred_at`), so that F, then M, then F again still ends on F."""
+
+    def __init__(self):
+        self.events: dict[tuple[str, str, str], tuple[int, tuple]] = {}
+        self.bad: dict[tuple[str, str], Bad] = {}
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.bad)
+
+    def add(self, message: _Message) -> None:
+        for line, row in message.events:
+            key = (row[0], row[1], row[3])
+            self.events.pop(key, None)                  # re-inserted: dict order is the order sent
+            self.events[key] = (line, row)
+        for key, bad in message.bad_births:
+            self.bad.setdefault(key, bad)
+
+    def items(self) -> Iterator[tuple[str, Chunk]]:
+        """("events", Chunk) items: the k-th event of a line in the k-th chunk (a frame may not hold
+        two rows of one line, and a PID line gives a birth date and a sex)."""
+        events = sorted(self.events.values(), key=lambda item: item[0])
+        bad = sorted(self.bad.values(), key=lambda item: item[0])
+        seen: Counter[int] = Counter()
+        layers: list[list[tuple[int, tuple]]] = []
+        for line, row in events:
+            if seen[line] == len(layers):
+                layers.append([])
+            layers[seen[line]].append((line, row))
+            seen[line] += 1
+        for k, layer in enumerate(layers or ([[]] if bad else [])):
+            yield "events", Chunk(_frame(layer, EVENT_COLUMNS), bad if k == 0 else [])
 
 
 def read_hl7(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
     """Stream an HL7 v2 ORU^R01 file as ("labs", Chunk) items of `ctx.chunk_rows` rows (the last
-    one fewer); each frame is indexed by the OBX segment's line. See the module docstring."""
+    one fewer), each frame indexed by the OBX segment's line, and ("events", Chunk) items of the
+    PIDs' birth dates and sexes, indexed by the PID segment's line. See the module docstring."""
     path = Path(path)
     _check_head(path)
     size = max(1, int(ctx.chunk_rows))
+    code_map = ctx.settings.ingest.code_map
+    received = ctx.received_at
+    if received.tzinfo is None:
+        received = received.replace(tzinfo=UTC)         # the pipeline stamps arrivals in naive UTC
+    received_date = received.astimezone(ctx.settings.tz).date().isoformat()
     charset = _Charset(path)
     rows: list[tuple[int, tuple]] = []
     bad: list[Bad] = []
+    demographics = _Demographics()
     with path.open("rb") as handle:
         for group in _groups(_lines(handle)):
             decoded = charset.decode(group)
             if group[0][1].startswith(b"MSH"):
-                message_rows, message_bad = _message_rows(decoded)
+                message = _message_rows(decoded, code_map, received_date)
+                rows.extend(message.rows)
+                bad.extend(message.bad)
+                demographics.add(message)
             else:
-                message_rows, message_bad = [], _orphans(decoded)
-            rows.extend(message_rows)
-            bad.extend(message_bad)
+                bad.extend(_orphans(decoded))
             while len(rows) >= size:
                 yield "labs", Chunk(_frame(rows[:size]), bad)
                 rows, bad = rows[size:], []
+            if len(demographics) >= size:
+                yield from demographics.items()
+                demographics = _Demographics()
     if rows or bad:
         yield "labs", Chunk(_frame(rows), bad)
+    yield from demographics.items()
 
 
 # --------------------------------------------------------------------------- writing
@@ -482,10 +741,26 @@ def _message_groups(rows: Iterable[tuple]) -> list[list[tuple]]:
     return list(groups.values())
 
 
-def write_hl7(path: Path, rows: Iterable[tuple]) -> None:
+def _pid(patient: str, demographics: Mapping[str, tuple[str, str]] | None) -> str:
+    """PID-3 (the MRN as an MR identifier), and PID-7 / PID-8 when `demographics` has the patient."""
+    pid = f"PID|1||{_escape(patient)}^^^HOSP^MR"
+    if demographics and patient in demographics:
+        born, sex = ("" if v is None else str(v) for v in demographics[patient])
+        pid += f"||||{_hl7_time(born)}|{_escape(sex)}"
+    return pid
+
+
+def write_hl7(path: Path, rows: Iterable[tuple],
+              demographics: Mapping[str, tuple[str, str]] | None = None) -> None:
     """Write lab CSV rows (patient_id, result_id, loinc, value, unit, collected_at, status) as HL7
     v2.5.1 ORU^R01: one message per (patient, collection time), in order of first appearance;
-    `\\r` ends each segment and a `\\n` follows each message. Same rows -> the same bytes."""
+    `\\r` ends each segment and a `\\n` follows each message. Same rows -> the same bytes.
+
+    One OBR a message: OBR-3 is the result_id of its first row, OBR-4 that row's code; so a result's
+    identity as read back is `hl7_result_ids`' (a lone corrected row in a later file, as CSV sends
+    a correction, gets the same identity as its original when the original was alone at its time).
+    `demographics` (MRN -> (birth date `YYYY-MM-DD`, sex `F`/`M`), either may be "") adds PID-7 and
+    PID-8 for the patients it holds, for a cohort that arrives by HL7 alone."""
     out: list[str] = []
     for group in _message_groups(rows):
         patient, first_id, first_code, _, _, collected_at, _ = group[0]
@@ -493,7 +768,7 @@ def write_hl7(path: Path, rows: Iterable[tuple]) -> None:
         digest = hashlib.sha256("\x1f".join("\x1e".join(r) for r in group).encode()).hexdigest()
         segments = [
             f"MSH|^~\\&|BONEWATCH|HOSP|BONEWATCH|HOSP|{stamp}||ORU^R01^ORU_R01|BW{digest[:18].upper()}|P|2.5.1",
-            f"PID|1||{_escape(patient)}^^^HOSP^MR",
+            _pid(patient, demographics),
             "|".join(["OBR", "1", "", _escape(first_id), f"{_escape(first_code)}^^LN", "", "", stamp]),
         ]
         for set_id, (_, _, code, value, unit, _, status) in enumerate(group, start=1):
@@ -505,15 +780,26 @@ def write_hl7(path: Path, rows: Iterable[tuple]) -> None:
     Path(path).write_bytes("".join(out).encode("utf-8"))
 
 
+def _as_read(text: str) -> str:
+    """A value as `read_hl7` gives it back after `write_hl7` wrote it (`_escape`, then unescaped)."""
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ").strip()
+
+
 def hl7_result_ids(rows: Iterable[tuple]) -> list[str]:
-    """For each input row of `write_hl7`, the result_id `read_hl7` assigns it (`<OBR-3>-<set id>`)."""
+    """For each input row of `write_hl7`, the result_id `read_hl7` assigns it: the order is the
+    message's first result_id, the service its first code, then the row's code (and, for the n-th
+    row of one code in a message, n)."""
     rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
     ids: dict[int, str] = {}
     seen: dict[tuple[str, str], list[int]] = {}
     for position, row in enumerate(rows):
         seen.setdefault((row[0], row[5]), []).append(position)
     for positions in seen.values():
-        first_id = rows[positions[0]][1]
-        for set_id, position in enumerate(positions, start=1):
-            ids[position] = f"{first_id}-{set_id}"
+        first = rows[positions[0]]
+        order, service = order_number([_as_read(first[1])]), _as_read(first[2])
+        occurrences: Counter[str] = Counter()
+        for position in positions:
+            code = _as_read(rows[position][2])
+            occurrences[code] += 1
+            ids[position] = result_identity(order, service, code, "", occurrences[code])
     return [ids[position] for position in range(len(rows))]
