@@ -135,30 +135,54 @@ def test_albuminuria_only_on_a_bisphosphonate():
 
 # ---- HYPOCALCEMIA ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("calcium", "albumin", "albumin_day", "fires", "corrected"), [
-    (8.9, 3.5, "2025-02-01", False, 9.30),
-    (8.1, 3.5, "2025-02-01", False, 8.50),    # exactly 8.50 is not below
-    (8.09, 3.5, "2025-02-01", True, 8.49),
-    (8.4, 4.4, "2025-02-03", True, 8.08),     # albumin 2 days later still counts
-    (8.4, 2.0, "2025-02-04", True, 8.40),     # 3 days: uncorrected
-    (8.6, 2.0, "2025-02-04", False, 8.60),
+@pytest.mark.parametrize(("calcium", "albumin", "albumin_day", "fires", "compared", "corrected"), [
+    (8.9, 3.5, "2025-02-01", False, 9.30, True),
+    (8.1, 3.5, "2025-02-01", False, 8.50, True),    # exactly 8.50 is not below
+    (8.09, 3.5, "2025-02-01", True, 8.49, True),
+    (8.0, 3.6, "2025-02-03", True, 8.32, True),     # albumin 2 days later still counts
+    (8.4, 2.0, "2025-02-04", True, 8.40, False),    # 3 days: uncorrected
+    (8.6, 2.0, "2025-02-04", False, 8.60, False),
+    (8.4, 4.4, "2025-02-03", True, 8.40, False),    # albumin not below 4.0: the measured calcium
 ])
-def test_hypocalcemia(calcium, albumin, albumin_day, fires, corrected):
+def test_hypocalcemia(calcium, albumin, albumin_day, fires, compared, corrected):
     h = on_pamidronate().lab("p1", "calcium", "2025-02-01", calcium).lab("p1", "albumin", albumin_day, albumin)
     found = rules_fired(h, "2025-02-04")
     assert ("HYPOCALCEMIA" in found) is fires
     if fires:
         evidence = found["HYPOCALCEMIA"][0].evidence
-        assert evidence["corrected_mg_dl"] == corrected
-        assert evidence["corrected"] is (albumin_day != "2025-02-04")
+        assert evidence["corrected_mg_dl"] == compared
+        assert evidence["corrected"] is corrected
+
+
+def test_hypocalcemia_high_albumin_does_not_correct_a_normal_calcium_down():
+    """The false alarm of issue 13: 9.5 + 0.8 x (4.0 - 5.4) = 8.38 fired a high-severity alert."""
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", 9.5).lab("p1", "albumin", "2025-02-01", 5.4)
+    assert "HYPOCALCEMIA" not in rules_fired(h, "2025-02-01")
+
+
+@pytest.mark.parametrize(("albumin", "fires", "corrected"), [
+    (4.0, True, False),    # exactly 4.0: not below it, the measured 8.45 is compared
+    (3.9, False, True),    # below 4.0: 8.45 + 0.8 x 0.1 = 8.53
+])
+def test_hypocalcemia_corrects_only_below_albumin_4(albumin, fires, corrected):
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", 8.45).lab("p1", "albumin", "2025-02-01", albumin)
+    found = rules_fired(h, "2025-02-01")
+    assert ("HYPOCALCEMIA" in found) is fires
+    if fires:
+        evidence = found["HYPOCALCEMIA"][0].evidence
+        assert evidence["corrected"] is corrected and evidence["corrected_mg_dl"] == 8.45
+        assert evidence["albumin"] == {"value_g_dl": 4.0, "date": "2025-02-01"}
+        assert evidence["arithmetic"] == "albumin 4.0 g/dL is not below 4.0: the measured calcium is used"
+        assert "albumin 4.0 g/dL on 2025-02-01 is not below 4.0 g/dL: the measured calcium is used" \
+            in evidence["summary"]
 
 
 def test_hypocalcemia_nearest_albumin_later_on_tie_and_denosumab():
     h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
     h.lab("p1", "calcium", "2025-02-02", 8.3)
-    h.lab("p1", "albumin", "2025-02-01", 3.0).lab("p1", "albumin", "2025-02-03", 4.3)   # equally near: the later
+    h.lab("p1", "albumin", "2025-02-01", 4.6).lab("p1", "albumin", "2025-02-03", 3.8)   # equally near: the later
     found = rules_fired(h, "2025-02-03")
-    assert found["HYPOCALCEMIA"][0].evidence["corrected_mg_dl"] == 8.06
+    assert found["HYPOCALCEMIA"][0].evidence["corrected_mg_dl"] == 8.46
 
 
 def test_hypocalcemia_needs_an_agent_and_the_latest_value():
