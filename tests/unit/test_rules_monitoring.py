@@ -34,6 +34,24 @@ def test_pre_dose_scr(scr_day, fires):
         assert found["PRE_DOSE_SCR_MISSING"][0].episode == "dose 2025-01-05"
 
 
+@pytest.mark.parametrize(("earlier", "said"), [
+    (True, "no serum creatinine in the 7 days before the dose (2024-12-29 to 2025-01-05); the last before it "
+           "was 1.10 mg/dL on 2022-01-02."),
+    (False, "no serum creatinine in the 7 days before the dose (2024-12-29 to 2025-01-05); no creatinine "
+            "before the dose is on file."),
+])
+def test_pre_dose_scr_names_the_last_creatinine_before_the_dose(earlier, said):
+    """Issue 13: it took the latest creatinine overall (one after the dose) and said that no earlier
+    one was on file while one from years before was stored."""
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01")
+    if earlier:
+        h.scr("p1", "2021-12-30", 0.95).scr("p1", "2022-01-02", 1.1)
+    h.dose("p1", "2025-01-05", "pamidronate", "90").scr("p1", "2025-01-10", 0.9)
+    (found,) = rules_fired(h, "2025-01-10")["PRE_DOSE_SCR_MISSING"]
+    assert found.evidence["summary"] == "Pamidronate was given on 2025-01-05: " + said
+    assert found.evidence["last_scr_before"] == ({"value_mg_dl": 1.1, "date": "2022-01-02"} if earlier else None)
+
+
 def test_pre_dose_scr_not_for_denosumab():
     h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
     assert "PRE_DOSE_SCR_MISSING" not in rules_fired(h, "2025-01-05")
