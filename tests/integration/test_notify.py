@@ -22,6 +22,7 @@ from bonewatch.notify.charts import Trend
 from bonewatch.notify.outbox import (
     backoff,
     flush,
+    load_trend_frames,
     message_id_for,
     message_id_for_key,
     queue_digests,
@@ -463,6 +464,16 @@ def test_digest_embeds_trend_charts_inline(engine, settings, mailbox, tmp_path):
     assert "CrCl mL/min: 59.7 (2025-04-01), 48.9 (2025-05-15), 38.4 (2025-06-05); baseline 59.7" in text
     assert "ALP U/L: 130 (2025-04-10), 170 (2025-05-20)" in text
     assert text.index("Trend: SCr") < text.index("MRN 000456") < text.index("Trend: ALP")
+
+
+def test_trend_crcl_uses_birth_date_and_sex_delivered_after_the_night(engine, settings, tmp_path):
+    """SPEC 2.5: demographics are timeless; a Patient loaded after the night still gives its chart a CrCl."""
+    write_feeds(tmp_path / "late", labs=["000123,R1,2160-0,0.9,mg/dL,2025-04-01T08:00:00,final"], events=[
+        "000123,birth_date,2025-07-01,1950-03-14,", "000123,sex,2025-07-01,F,", "000123,weight_kg,2025-03-20,70,"])
+    ingest(settings, tmp_path / "late")
+    with engine.connect() as conn:
+        scr, _ = load_trend_frames(conn, settings, ["000123"], NIGHT)
+    assert scr["crcl"].tolist() == [59.7] and scr["crcl_missing"].tolist() == [""]
 
 
 # ---- routing by care team ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Inputs are the store's rows as DataFrames; nothing here reads a clock or a file. Every frame is
 restricted to what was collected (or happened) on or before `as_of`, so evaluating a past night
-on today's store gives that night's answer.
+on today's store gives that night's answer; birth date and sex are the exception: timeless facts
+(SPEC 2.5), they hold for every night whenever they were delivered.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from bonewatch.config import Settings
 
 BISPHOSPHONATES = {"zoledronic_acid", "pamidronate"}
 USABLE = {"final", "corrected"}     # preliminary is shown but drives nothing; cancelled has no effect
+#: Event types that hold for every night, a past one included, whenever they were delivered (SPEC 2.5):
+#: a Patient loaded today is stamped with today, and cut off by the night a backfill had no age or sex.
+TIMELESS = ("birth_date", "sex")
 
 
 def agent_class(agent: pd.Series) -> pd.Series:
@@ -77,10 +81,11 @@ def prepare(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Set
     labs = labs[(labs["collected_day"] <= cutoff) & labs["status"].isin(list(USABLE))]
     labs = labs.sort_values(["patient_id", "collected_at", "result_id"], kind="stable").reset_index(drop=True)
     events = events.assign(day=_dates(events["occurred_date"]))
+    visible = (events["day"] <= cutoff) | events["event_type"].isin(TIMELESS)
     # value and detail break ties between events of one type at one instant (two weights at the same
     # time): the result never depends on the order the rows came in
-    events = events[events["day"] <= cutoff].sort_values(["patient_id", "occurred_at", "event_type", "value", "detail"],
-                                                         kind="stable")
+    events = events[visible].sort_values(["patient_id", "occurred_at", "event_type", "value", "detail"],
+                                         kind="stable")
     events = events.reset_index(drop=True)
     doses, courses = build_courses(events, cutoff, settings)
     scr = creatinine_clearance(labs, events, settings)
@@ -155,7 +160,10 @@ def build_courses(events: pd.DataFrame, cutoff: pd.Timestamp, settings: Settings
 
 
 def latest_per_patient(events: pd.DataFrame, event_type: str) -> pd.DataFrame:
-    rows = events[events["event_type"] == event_type]
+    """The latest event of a type per patient (index patient_id): by occurred_at, then by value, so
+    two deliveries at one instant never depend on the order of the rows."""
+    rows = events[events["event_type"] == event_type].sort_values(["patient_id", "occurred_at", "value"],
+                                                                  kind="stable")
     return rows.groupby("patient_id", sort=False).tail(1).set_index("patient_id")
 
 
