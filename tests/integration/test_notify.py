@@ -683,6 +683,14 @@ def test_digest_text_matches_golden(name, phi_minimal):
     assert len(digest.images) == (0 if phi_minimal else 1)
 
 
+def test_digest_names_a_same_instant_conflict_under_the_alert():
+    """Two creatinines at one instant: the nurse reads both values and which one the rule used."""
+    said = "two creatinines at 2025-06-05 08:00: 1.9 and 1.2 mg/dL; the higher (1.9) is used"
+    row = _alert("000123", "RENAL_HOLD", "high", evidence={"summary": "SCr 1.90 mg/dL", "conflict": said})
+    text = " ".join(render_digest(NURSES, NIGHT, [row], _golden_settings(False)).text.split())
+    assert f"Note: conflict: {said}" in text
+
+
 def test_render_is_pure_and_escapes_html():
     cfg = _golden_settings(False)
     row = _alert("<b>7</b>", "RENAL_HOLD", "high",

@@ -7,7 +7,7 @@ import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.model import Finding
-from bonewatch.rules.common import finding, iso, num
+from bonewatch.rules.common import conflict_evidence, finding, iso, num
 from bonewatch.rules.derive import Facts, current_courses, round_half_up
 
 ALBUMIN_NORMAL = 4.0   # g/dL: the correction applies only below it (SPEC 4)
@@ -87,5 +87,7 @@ def check_hypocalcemia(facts: Facts, settings: Settings) -> list[Finding]:
             "albumin": {"value_g_dl": num(row.albumin, 1), "date": iso(row.alb_day)} if albumin else None,
             "corrected_mg_dl": num(row.corrected), "corrected": corrected, "arithmetic": arithmetic,
             "missing": None if albumin else f"albumin within {int(params['albumin_days'])} days of the calcium",
+            **conflict_evidence(facts.conflict(row.patient_id, "calcium", row.collected_at),
+                                facts.conflict(row.patient_id, "albumin", row.alb_at) if albumin else None),
         }))
     return findings

@@ -7,7 +7,7 @@ import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.model import Finding
-from bonewatch.rules.common import finding, iso, num
+from bonewatch.rules.common import conflict_evidence, finding, iso, num
 from bonewatch.rules.derive import Facts, add_months, current_courses, urine_albumin
 
 AGENT_NAMES = {"zoledronic_acid": "zoledronic acid", "pamidronate": "pamidronate", "denosumab": "denosumab"}
@@ -53,6 +53,7 @@ def check_pre_dose_scr(facts: Facts, settings: Settings) -> list[Finding]:
             "dose": {"date": iso(row.day), "agent": row.agent, "dose_mg": None if pd.isna(row.dose_mg) else float(row.dose_mg)},
             "window": {"from": window_from, "to": iso(row.day)},
             "last_scr_before": last,
+            **conflict_evidence(facts.conflict(row.patient_id, "creatinine", row.scr_at)),
         }))
     return findings
 
