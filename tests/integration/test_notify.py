@@ -476,6 +476,17 @@ def test_trend_crcl_uses_birth_date_and_sex_delivered_after_the_night(engine, se
     assert scr["crcl"].tolist() == [59.7] and scr["crcl_missing"].tolist() == [""]
 
 
+def test_trend_shows_the_value_the_rules_used_at_a_conflicting_instant(engine, settings, tmp_path):
+    """Two creatinines at one instant: the chart draws the higher, as the rules use it, whatever the ids."""
+    write_feeds(tmp_path / "clash", labs=["000123,R1,2160-0,1.2,mg/dL,2025-04-01T08:00:00,final",
+                                          "000123,R2,2160-0,0.9,mg/dL,2025-04-01T08:00:00,final"], events=[
+        "000123,birth_date,1950-03-14,1950-03-14,", "000123,sex,2025-01-01,F,", "000123,weight_kg,2025-03-20,70,"])
+    ingest(settings, tmp_path / "clash")
+    with engine.connect() as conn:
+        scr, _ = load_trend_frames(conn, settings, ["000123"], NIGHT)
+    assert scr["value"].tolist() == [1.2] and scr["crcl"].tolist() == [44.8]
+
+
 # ---- routing by care team ---------------------------------------------------------------------
 
 def test_digests_are_routed_by_the_latest_care_team(engine, settings, mailbox, tmp_path):

@@ -3,10 +3,14 @@ exactly at each threshold, just inside, just outside, and with missing data."""
 
 from __future__ import annotations
 
+from datetime import date
+
+import pandas as pd
 import pytest
 
+from bonewatch.rules import evaluate
 from tests.unit.builders import History
-from tests.unit.test_rules import rules_fired
+from tests.unit.test_rules import SETTINGS, rules_fired
 
 
 def on_pamidronate(first="2025-01-05", scr_day="2025-01-03"):
@@ -85,8 +89,6 @@ def test_dental_exam_month_end_clamp():
 # ---- URINE_ALBUMIN_DUE -----------------------------------------------------------------------
 
 def monthly(h: History, first: str, n: int, agent="pamidronate"):
-    import pandas as pd
-
     for day in pd.date_range(first, periods=n, freq="28D"):
         d = day.date().isoformat()
         h.scr("p1", (day - pd.Timedelta(days=2)).date().isoformat(), 0.9).dose("p1", d, agent, "90")
@@ -289,3 +291,34 @@ def test_alp_alert_with_nonbone_cause_carries_the_hepatic_note():
     assert "ALP_NONBONE_CAUSE" in found
     assert "hepatic" in found["ALP_RISE_BORTEZOMIB"][0].evidence["note"]
     assert "liver disease" in found["ALP_RISE_BORTEZOMIB"][0].evidence["caveat"]
+
+
+def test_alp_nonbone_names_the_latest_high_ggt_by_time():
+    """Two high GGTs on the ALP's day: the evidence names the later one by collection time (sorted by
+    day alone, the pick among them was the sort's)."""
+    h = History()
+    for i in range(40):
+        h.lab(f"p{i:02d}", "alp", "2025-02-01", 140).lab(f"p{i:02d}", "ggt", "2025-02-01", 90)
+        h.lab(f"p{i:02d}", "ggt", "2025-02-01", 70)
+    labs, events = h.frames()
+    labs.loc[labs.index[2::3], "collected_at"] = pd.Timestamp("2025-02-01 15:00")   # the 70s, later that day
+    found = [f for f in evaluate(labs, events, date(2025, 2, 1), SETTINGS) if f.rule == "ALP_NONBONE_CAUSE"]
+    assert len(found) == 40 and {f.evidence["ggt"]["value_u_l"] for f in found} == {70}
+
+
+def test_albuminuria_names_the_result_over_the_limit_not_the_first_of_its_day():
+    h = on_pamidronate().event("p1", "albuminuria_mg_24h", "2025-02-01", "300")   # 00:00
+    h.lab("p1", "urine_albumin_24h", "2025-02-01", 800)                           # 08:00
+    (found,) = rules_fired(h, "2025-02-01")["ALBUMINURIA"]
+    assert found.evidence["first_over"] == {"value_mg_24h": 800, "date": "2025-02-01"}
+    assert found.evidence["summary"].startswith("Urine albumin 800 mg/24 h on 2025-02-01 is above 500 mg/24 h")
+
+
+@pytest.mark.parametrize("values", [("1200", "300"), ("300", "1200")])
+def test_albuminuria_two_results_at_one_instant_the_higher_counts(values):
+    """Events sorted by their text value put '1200' before '300': the 300 came last and cleared the hold."""
+    h = on_pamidronate()
+    for value in values:
+        h.event("p1", "albuminuria_mg_24h", "2025-02-01", value)
+    (found,) = rules_fired(h, "2025-02-01")["ALBUMINURIA"]
+    assert found.evidence["first_over"]["value_mg_24h"] == 1200

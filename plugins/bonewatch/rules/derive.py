@@ -386,4 +386,6 @@ def urine_albumin(facts: Facts, *, only_24h: bool) -> pd.DataFrame:
                                 "kind": np.where(labs["analyte"] == "urine_albumin_24h",
                                                  "24-h urine albumin (mg/24 h)", "spot urine albumin")}))
     out = pd.concat([f for f in frames if not f.empty]) if any(not f.empty for f in frames) else frames[0]
-    return out.dropna(subset=["value"]).sort_values(["patient_id", "at"], kind="stable").reset_index(drop=True)
+    # two results at one instant: the higher last, so it decides the state after that instant (the
+    # cautious reading); the events' values are text, and '1200' sorted before '300'
+    return out.dropna(subset=["value"]).sort_values(["patient_id", "at", "value"], kind="stable").reset_index(drop=True)

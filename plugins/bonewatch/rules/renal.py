@@ -236,6 +236,9 @@ def albuminuria_states(facts: Facts, settings: Settings) -> pd.DataFrame:
     rows["held"] = mark.groupby(key).ffill().fillna(0.0).astype(bool)
     starts = rows["held"] & ~rows["held"].groupby(key).shift(fill_value=False).astype(bool)
     rows["episode_day"] = rows["day"].where(starts).groupby(key).ffill()
+    # the result that started the episode (the first of its day may be another, under the limit)
+    for column in ("value", "day", "at"):
+        rows[f"first_{column}"] = rows[column].where(starts).groupby(key).ffill()
     return rows
 
 
@@ -248,15 +251,15 @@ def check_albuminuria(facts: Facts, settings: Settings) -> tuple[list[Finding], 
     last = rows.groupby(["patient_id", "course_no"], sort=False).tail(1)
     findings = []
     for row in last[last["held"]].itertuples(index=False):
-        first = rows[(rows["patient_id"] == row.patient_id) & (rows["course_no"] == row.course_no)
-                     & (rows["day"] == row.episode_day)].iloc[0]
         findings.append(finding(settings, "ALBUMINURIA", row.patient_id,
                                 f"course {iso(row.start)}; from {iso(row.episode_day)}", row.episode_day, {
-            "summary": (f"Urine albumin {first.value:.0f} mg/24 h on {iso(first.day)} is above {limit:.0f} mg/24 h"
-                        + (f"; the latest, {row.value:.0f} mg/24 h on {iso(row.day)}, is still above."
-                           if row.day != first.day else ".")),
-            "first_over": {"value_mg_24h": num(first.value, 0), "date": iso(first.day)},
+            "summary": (f"Urine albumin {row.first_value:.0f} mg/24 h on {iso(row.first_day)} is above {limit:.0f} "
+                        "mg/24 h" + (f"; the latest, {row.value:.0f} mg/24 h on {iso(row.day)}, is still above."
+                                     if row.at != row.first_at else ".")),
+            "first_over": {"value_mg_24h": num(row.first_value, 0), "date": iso(row.first_day)},
             "latest": {"value_mg_24h": num(row.value, 0), "date": iso(row.day)},
             "limit_mg_24h": limit, "course_start": iso(row.start),
+            **conflict_evidence(facts.conflict(row.patient_id, "urine_albumin_24h", row.first_at),
+                                facts.conflict(row.patient_id, "urine_albumin_24h", row.at)),
         }))
     return findings, last[["patient_id", "course_no", "held"]]
