@@ -146,8 +146,8 @@ BAD_KINDS = ("missing_value", "non_numeric", "impossible_date", "unconvertible_u
 #   so a "nearest GGT" reading agrees. The finding ends when a newer ALP is normal.
 # - HYPOCALCEMIA: on any agent (denosumab included); the latest calcium by collection time,
 #   corrected with the albumin nearest in time within 2 days before or after it (later one on a
-#   tie), rounded to 0.01, strictly below 8.5; with no albumin within 2 days the raw calcium is
-#   compared. Planted calcium and albumin share one clock time, so 48 hours and 2 calendar days
+#   tie) when that albumin is below 4.0 g/dL, rounded to 0.01, strictly below 8.5; with no albumin
+#   within 2 days, or one at or above 4.0, the measured calcium is compared. Planted calcium and albumin share one clock time, so 48 hours and 2 calendar days
 #   agree. Raised on the calcium's day, or on the day of a later albumin that completes it.
 #   The finding ends when a newer calcium is normal.
 # - MGUS_ON_BISPHOSPHONATE: an events `diagnosis` MGUS or SMM, no MM diagnosis and no osteoporosis

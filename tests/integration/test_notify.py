@@ -22,6 +22,7 @@ from bonewatch.notify.charts import Trend
 from bonewatch.notify.outbox import (
     backoff,
     flush,
+    load_trend_frames,
     message_id_for,
     message_id_for_key,
     queue_digests,
@@ -465,6 +466,27 @@ def test_digest_embeds_trend_charts_inline(engine, settings, mailbox, tmp_path):
     assert text.index("Trend: SCr") < text.index("MRN 000456") < text.index("Trend: ALP")
 
 
+def test_trend_crcl_uses_birth_date_and_sex_delivered_after_the_night(engine, settings, tmp_path):
+    """SPEC 2.5: demographics are timeless; a Patient loaded after the night still gives its chart a CrCl."""
+    write_feeds(tmp_path / "late", labs=["000123,R1,2160-0,0.9,mg/dL,2025-04-01T08:00:00,final"], events=[
+        "000123,birth_date,2025-07-01,1950-03-14,", "000123,sex,2025-07-01,F,", "000123,weight_kg,2025-03-20,70,"])
+    ingest(settings, tmp_path / "late")
+    with engine.connect() as conn:
+        scr, _ = load_trend_frames(conn, settings, ["000123"], NIGHT)
+    assert scr["crcl"].tolist() == [59.7] and scr["crcl_missing"].tolist() == [""]
+
+
+def test_trend_shows_the_value_the_rules_used_at_a_conflicting_instant(engine, settings, tmp_path):
+    """Two creatinines at one instant: the chart draws the higher, as the rules use it, whatever the ids."""
+    write_feeds(tmp_path / "clash", labs=["000123,R1,2160-0,1.2,mg/dL,2025-04-01T08:00:00,final",
+                                          "000123,R2,2160-0,0.9,mg/dL,2025-04-01T08:00:00,final"], events=[
+        "000123,birth_date,1950-03-14,1950-03-14,", "000123,sex,2025-01-01,F,", "000123,weight_kg,2025-03-20,70,"])
+    ingest(settings, tmp_path / "clash")
+    with engine.connect() as conn:
+        scr, _ = load_trend_frames(conn, settings, ["000123"], NIGHT)
+    assert scr["value"].tolist() == [1.2] and scr["crcl"].tolist() == [44.8]
+
+
 # ---- routing by care team ---------------------------------------------------------------------
 
 def test_digests_are_routed_by_the_latest_care_team(engine, settings, mailbox, tmp_path):
@@ -670,6 +692,14 @@ def test_digest_text_matches_golden(name, phi_minimal):
         path.write_text(digest.text, encoding="utf-8")
     assert digest.text == path.read_text(encoding="utf-8")
     assert len(digest.images) == (0 if phi_minimal else 1)
+
+
+def test_digest_names_a_same_instant_conflict_under_the_alert():
+    """Two creatinines at one instant: the nurse reads both values and which one the rule used."""
+    said = "two creatinines at 2025-06-05 08:00: 1.9 and 1.2 mg/dL; the higher (1.9) is used"
+    row = _alert("000123", "RENAL_HOLD", "high", evidence={"summary": "SCr 1.90 mg/dL", "conflict": said})
+    text = " ".join(render_digest(NURSES, NIGHT, [row], _golden_settings(False)).text.split())
+    assert f"Note: conflict: {said}" in text
 
 
 def test_render_is_pure_and_escapes_html():

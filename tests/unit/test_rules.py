@@ -144,6 +144,31 @@ def test_dose_band_at_first_dose_uses_baseline_crcl_and_female_factor():
     assert "DOSE_BAND" not in rules_fired(h, "2025-01-04")   # no course yet
 
 
+def test_demographics_delivered_after_the_night_hold_for_it():
+    """SPEC 2.5: a Patient loaded today (birth date and sex stamped with today) still gives every
+    earlier night its CrCl; cut off by the night, a backfill had no CrCl and DOSE_BAND went silent."""
+    h = History().event("p1", "weight_kg", "2025-01-01", "70")
+    h.event("p1", "birth_date", "2026-06-01", "1955-01-01").event("p1", "sex", "2026-06-01", "F")
+    h.scr("p1", "2025-01-03", 1.0).dose("p1", "2025-01-05", "zoledronic_acid", "4.0")
+    found = rules_fired(h, "2025-01-05")   # 68.1 x 0.85 = 57.8 -> 3.5 mg
+    assert found["DOSE_BAND"][0].evidence["crcl"]["value_ml_min"] == 57.8
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_later_demographic_delivery_corrects_every_night(reverse):
+    """The latest delivery by occurred_at wins, even one after the night; at one instant the value
+    breaks the tie. Row order never matters."""
+    h = History().event("p1", "weight_kg", "2025-01-01", "70").event("p1", "sex", "2020-01-01", "M")
+    h.event("p1", "birth_date", "2020-01-01", "1955-01-01")
+    h.event("p1", "birth_date", "2026-01-01", "1940-06-01").event("p1", "birth_date", "2026-01-01", "1945-01-01")
+    h.scr("p1", "2025-01-03", 1.0).dose("p1", "2025-01-05", "zoledronic_acid", "4.0")
+    labs, events = h.frames()
+    if reverse:
+        labs, events = labs[::-1], events[::-1]
+    (band,) = [f for f in evaluate(labs, events, date(2025, 1, 5), SETTINGS) if f.rule == "DOSE_BAND"]
+    assert band.evidence["crcl"]["age_years"] == 80 and band.evidence["crcl"]["value_ml_min"] == 58.3
+
+
 @pytest.mark.parametrize(("weight", "target"), [(40, "3.0 mg"), (30, "not recommended")])
 def test_dose_band_low_bands_at_first_dose(weight, target):
     h = History().person("p1", birth="1955-01-01", sex="M", weight=weight)

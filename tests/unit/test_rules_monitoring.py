@@ -3,10 +3,14 @@ exactly at each threshold, just inside, just outside, and with missing data."""
 
 from __future__ import annotations
 
+from datetime import date
+
+import pandas as pd
 import pytest
 
+from bonewatch.rules import evaluate
 from tests.unit.builders import History
-from tests.unit.test_rules import rules_fired
+from tests.unit.test_rules import SETTINGS, rules_fired
 
 
 def on_pamidronate(first="2025-01-05", scr_day="2025-01-03"):
@@ -32,6 +36,24 @@ def test_pre_dose_scr(scr_day, fires):
     assert ("PRE_DOSE_SCR_MISSING" in found) is fires
     if fires:
         assert found["PRE_DOSE_SCR_MISSING"][0].episode == "dose 2025-01-05"
+
+
+@pytest.mark.parametrize(("earlier", "said"), [
+    (True, "no serum creatinine in the 7 days before the dose (2024-12-29 to 2025-01-05); the last before it "
+           "was 1.10 mg/dL on 2022-01-02."),
+    (False, "no serum creatinine in the 7 days before the dose (2024-12-29 to 2025-01-05); no creatinine "
+            "before the dose is on file."),
+])
+def test_pre_dose_scr_names_the_last_creatinine_before_the_dose(earlier, said):
+    """Issue 13: it took the latest creatinine overall (one after the dose) and said that no earlier
+    one was on file while one from years before was stored."""
+    h = History().person("p1").event("p1", "dental_exam", "2024-12-01")
+    if earlier:
+        h.scr("p1", "2021-12-30", 0.95).scr("p1", "2022-01-02", 1.1)
+    h.dose("p1", "2025-01-05", "pamidronate", "90").scr("p1", "2025-01-10", 0.9)
+    (found,) = rules_fired(h, "2025-01-10")["PRE_DOSE_SCR_MISSING"]
+    assert found.evidence["summary"] == "Pamidronate was given on 2025-01-05: " + said
+    assert found.evidence["last_scr_before"] == ({"value_mg_dl": 1.1, "date": "2022-01-02"} if earlier else None)
 
 
 def test_pre_dose_scr_not_for_denosumab():
@@ -67,8 +89,6 @@ def test_dental_exam_month_end_clamp():
 # ---- URINE_ALBUMIN_DUE -----------------------------------------------------------------------
 
 def monthly(h: History, first: str, n: int, agent="pamidronate"):
-    import pandas as pd
-
     for day in pd.date_range(first, periods=n, freq="28D"):
         d = day.date().isoformat()
         h.scr("p1", (day - pd.Timedelta(days=2)).date().isoformat(), 0.9).dose("p1", d, agent, "90")
@@ -139,30 +159,54 @@ def test_albuminuria_only_on_a_bisphosphonate():
 
 # ---- HYPOCALCEMIA ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("calcium", "albumin", "albumin_day", "fires", "corrected"), [
-    (8.9, 3.5, "2025-02-01", False, 9.30),
-    (8.1, 3.5, "2025-02-01", False, 8.50),    # exactly 8.50 is not below
-    (8.09, 3.5, "2025-02-01", True, 8.49),
-    (8.4, 4.4, "2025-02-03", True, 8.08),     # albumin 2 days later still counts
-    (8.4, 2.0, "2025-02-04", True, 8.40),     # 3 days: uncorrected
-    (8.6, 2.0, "2025-02-04", False, 8.60),
+@pytest.mark.parametrize(("calcium", "albumin", "albumin_day", "fires", "compared", "corrected"), [
+    (8.9, 3.5, "2025-02-01", False, 9.30, True),
+    (8.1, 3.5, "2025-02-01", False, 8.50, True),    # exactly 8.50 is not below
+    (8.09, 3.5, "2025-02-01", True, 8.49, True),
+    (8.0, 3.6, "2025-02-03", True, 8.32, True),     # albumin 2 days later still counts
+    (8.4, 2.0, "2025-02-04", True, 8.40, False),    # 3 days: uncorrected
+    (8.6, 2.0, "2025-02-04", False, 8.60, False),
+    (8.4, 4.4, "2025-02-03", True, 8.40, False),    # albumin not below 4.0: the measured calcium
 ])
-def test_hypocalcemia(calcium, albumin, albumin_day, fires, corrected):
+def test_hypocalcemia(calcium, albumin, albumin_day, fires, compared, corrected):
     h = on_pamidronate().lab("p1", "calcium", "2025-02-01", calcium).lab("p1", "albumin", albumin_day, albumin)
     found = rules_fired(h, "2025-02-04")
     assert ("HYPOCALCEMIA" in found) is fires
     if fires:
         evidence = found["HYPOCALCEMIA"][0].evidence
-        assert evidence["corrected_mg_dl"] == corrected
-        assert evidence["corrected"] is (albumin_day != "2025-02-04")
+        assert evidence["corrected_mg_dl"] == compared
+        assert evidence["corrected"] is corrected
+
+
+def test_hypocalcemia_high_albumin_does_not_correct_a_normal_calcium_down():
+    """The false alarm of issue 13: 9.5 + 0.8 x (4.0 - 5.4) = 8.38 fired a high-severity alert."""
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", 9.5).lab("p1", "albumin", "2025-02-01", 5.4)
+    assert "HYPOCALCEMIA" not in rules_fired(h, "2025-02-01")
+
+
+@pytest.mark.parametrize(("albumin", "fires", "corrected"), [
+    (4.0, True, False),    # exactly 4.0: not below it, the measured 8.45 is compared
+    (3.9, False, True),    # below 4.0: 8.45 + 0.8 x 0.1 = 8.53
+])
+def test_hypocalcemia_corrects_only_below_albumin_4(albumin, fires, corrected):
+    h = on_pamidronate().lab("p1", "calcium", "2025-02-01", 8.45).lab("p1", "albumin", "2025-02-01", albumin)
+    found = rules_fired(h, "2025-02-01")
+    assert ("HYPOCALCEMIA" in found) is fires
+    if fires:
+        evidence = found["HYPOCALCEMIA"][0].evidence
+        assert evidence["corrected"] is corrected and evidence["corrected_mg_dl"] == 8.45
+        assert evidence["albumin"] == {"value_g_dl": 4.0, "date": "2025-02-01"}
+        assert evidence["arithmetic"] == "albumin 4.0 g/dL is not below 4.0: the measured calcium is used"
+        assert "albumin 4.0 g/dL on 2025-02-01 is not below 4.0 g/dL: the measured calcium is used" \
+            in evidence["summary"]
 
 
 def test_hypocalcemia_nearest_albumin_later_on_tie_and_denosumab():
     h = History().person("p1").event("p1", "dental_exam", "2024-12-01").dose("p1", "2025-01-05", "denosumab", "120")
     h.lab("p1", "calcium", "2025-02-02", 8.3)
-    h.lab("p1", "albumin", "2025-02-01", 3.0).lab("p1", "albumin", "2025-02-03", 4.3)   # equally near: the later
+    h.lab("p1", "albumin", "2025-02-01", 4.6).lab("p1", "albumin", "2025-02-03", 3.8)   # equally near: the later
     found = rules_fired(h, "2025-02-03")
-    assert found["HYPOCALCEMIA"][0].evidence["corrected_mg_dl"] == 8.06
+    assert found["HYPOCALCEMIA"][0].evidence["corrected_mg_dl"] == 8.46
 
 
 def test_hypocalcemia_needs_an_agent_and_the_latest_value():
@@ -251,3 +295,34 @@ def test_alp_alert_with_nonbone_cause_carries_the_hepatic_note():
     assert "ALP_NONBONE_CAUSE" in found
     assert "hepatic" in found["ALP_RISE_BORTEZOMIB"][0].evidence["note"]
     assert "liver disease" in found["ALP_RISE_BORTEZOMIB"][0].evidence["caveat"]
+
+
+def test_alp_nonbone_names_the_latest_high_ggt_by_time():
+    """Two high GGTs on the ALP's day: the evidence names the later one by collection time (sorted by
+    day alone, the pick among them was the sort's)."""
+    h = History()
+    for i in range(40):
+        h.lab(f"p{i:02d}", "alp", "2025-02-01", 140).lab(f"p{i:02d}", "ggt", "2025-02-01", 90)
+        h.lab(f"p{i:02d}", "ggt", "2025-02-01", 70)
+    labs, events = h.frames()
+    labs.loc[labs.index[2::3], "collected_at"] = pd.Timestamp("2025-02-01 15:00")   # the 70s, later that day
+    found = [f for f in evaluate(labs, events, date(2025, 2, 1), SETTINGS) if f.rule == "ALP_NONBONE_CAUSE"]
+    assert len(found) == 40 and {f.evidence["ggt"]["value_u_l"] for f in found} == {70}
+
+
+def test_albuminuria_names_the_result_over_the_limit_not_the_first_of_its_day():
+    h = on_pamidronate().event("p1", "albuminuria_mg_24h", "2025-02-01", "300")   # 00:00
+    h.lab("p1", "urine_albumin_24h", "2025-02-01", 800)                           # 08:00
+    (found,) = rules_fired(h, "2025-02-01")["ALBUMINURIA"]
+    assert found.evidence["first_over"] == {"value_mg_24h": 800, "date": "2025-02-01"}
+    assert found.evidence["summary"].startswith("Urine albumin 800 mg/24 h on 2025-02-01 is above 500 mg/24 h")
+
+
+@pytest.mark.parametrize("values", [("1200", "300"), ("300", "1200")])
+def test_albuminuria_two_results_at_one_instant_the_higher_counts(values):
+    """Events sorted by their text value put '1200' before '300': the 300 came last and cleared the hold."""
+    h = on_pamidronate()
+    for value in values:
+        h.event("p1", "albuminuria_mg_24h", "2025-02-01", value)
+    (found,) = rules_fired(h, "2025-02-01")["ALBUMINURIA"]
+    assert found.evidence["first_over"]["value_mg_24h"] == 1200

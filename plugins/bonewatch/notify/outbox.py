@@ -427,7 +427,7 @@ def load_trend_frames(conn: Connection, settings: Settings, patient_ids: Iterabl
                       night: date) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Creatinine (with Cockcroft-Gault CrCl) and ALP of these patients over the chart window
     ending on the night, exact final/corrected values only: the data the charts draw."""
-    from bonewatch.rules.derive import USABLE, creatinine_clearance
+    from bonewatch.rules.derive import TIMELESS, USABLE, creatinine_clearance, same_instant
 
     ids = sorted(set(patient_ids))
     start = pd.Timestamp(night - timedelta(days=settings.notify.chart_days))
@@ -441,10 +441,11 @@ def load_trend_frames(conn: Connection, settings: Settings, patient_ids: Iterabl
             select(r.result_id, r.patient_id, r.analyte, r.value, r.censor, r.collected_at, r.collected_date)
             .where(r.patient_id.in_(chunk), r.analyte.in_(["creatinine", "alp", "weight"]),
                    r.collected_date >= since, r.collected_date <= night, r.status.in_(sorted(USABLE))), conn))
+        # birth date and sex are timeless (SPEC 2.5): delivered after the night, they still hold for it
         events.append(pd.read_sql(
             select(e.patient_id, e.event_type, e.occurred_at, e.occurred_date, e.value)
-            .where(e.patient_id.in_(chunk), e.event_type.in_(["birth_date", "sex", "weight_kg"]),
-                   e.occurred_date <= night), conn))
+            .where(e.patient_id.in_(chunk), or_(e.event_type.in_(list(TIMELESS)),
+                                                (e.event_type == "weight_kg") & (e.occurred_date <= night))), conn))
     lab = pd.concat(labs, ignore_index=True)
     ev = pd.concat(events, ignore_index=True)
     for column in ("result_id", "patient_id", "analyte", "censor"):
@@ -455,7 +456,9 @@ def load_trend_frames(conn: Connection, settings: Settings, patient_ids: Iterabl
     lab["collected_day"] = pd.to_datetime(lab["collected_date"]).astype("datetime64[ns]")
     ev["occurred_at"] = pd.to_datetime(ev["occurred_at"]).astype("datetime64[ns]")
     ev["day"] = pd.to_datetime(ev["occurred_date"]).astype("datetime64[ns]")
-    lab = lab.sort_values(["patient_id", "collected_at", "result_id"], kind="stable").reset_index(drop=True)
+    # two results of one analyte at one instant: the chart draws the one the rules use, whatever the ids
+    lab, _ = same_instant(lab, "collected_at", settings.tz)
+    lab = lab.sort_values(["patient_id", "collected_at", "analyte"], kind="stable").reset_index(drop=True)
     ev = ev.sort_values(["patient_id", "occurred_at", "event_type"], kind="stable").reset_index(drop=True)
     scr = creatinine_clearance(lab, ev, settings)
     scr = scr[(scr["censor"] == "") & (scr["collected_day"] >= start)]

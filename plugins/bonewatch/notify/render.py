@@ -138,7 +138,7 @@ def _group(rows: list[dict], settings: Settings, phi_minimal: bool, links: Mappi
     return groups
 
 
-NURSE_NOTES = ("missing", "caveat", "note")
+NURSE_NOTES = ("missing", "conflict", "caveat", "note")   # conflict: two values at one instant, and the one used
 
 
 def _alert_view(row: dict, settings: Settings, phi_minimal: bool, link: str | None, reminder: bool) -> dict:

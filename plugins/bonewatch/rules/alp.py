@@ -7,7 +7,7 @@ import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.model import Finding
-from bonewatch.rules.common import finding, iso, num
+from bonewatch.rules.common import conflict_evidence, finding, iso, num
 from bonewatch.rules.derive import Facts, round_half_up
 
 ALP_CAVEAT = ("ALP alone does not monitor bisphosphonate therapy: read it with imaging and the clinical "
@@ -80,6 +80,8 @@ def check_alp_rise_bortezomib(facts: Facts, settings: Settings) -> list[Finding]
                          "rule": f"last ALP on or before therapy start, within "
                                  f"{settings.clinical.alp_baseline_window_days} days"},
             "therapy_start": iso(row.start), "regimen": row.regimen, "caveat": ALP_CAVEAT,
+            **conflict_evidence(facts.conflict(row.patient_id, "alp", row.base_at),
+                                facts.conflict(row.patient_id, "alp", row.collected_at)),
         }))
     return findings
 
@@ -125,10 +127,11 @@ def check_alp_elevated_start(facts: Facts, settings: Settings) -> list[Finding]:
     findings = []
     for row in bases.itertuples(index=False):
         opens = row.start + pd.Timedelta(days=days + 1)
-        note = ""
+        note, bsap_conflict = "", None
         if row.patient_id in bsap.index:
             last = bsap.loc[row.patient_id]
             note = f" Latest bone-specific ALP: {last['value']:g} {last['unit']} on {iso(last['collected_day'])}."
+            bsap_conflict = facts.conflict(row.patient_id, last["analyte"], last["collected_at"])
         findings.append(finding(settings, "ALP_ELEVATED_START", row.patient_id, f"therapy {iso(row.start)}", opens, {
             "summary": (f"ALP baseline {row.base_value:.0f} U/L ({iso(row.base_day)}) is above "
                         f"{settings.clinical.alp_uln:g} U/L at the start of {row.regimen} on {iso(row.start)}, "
@@ -137,6 +140,7 @@ def check_alp_elevated_start(facts: Facts, settings: Settings) -> list[Finding]:
                          "rule": f"last ALP on or before therapy start, within {settings.clinical.alp_baseline_window_days} days"},
             "uln_u_l": settings.clinical.alp_uln, "therapy_start": iso(row.start), "regimen": row.regimen,
             "caveat": ALP_CAVEAT,
+            **conflict_evidence(facts.conflict(row.patient_id, "alp", row.base_at), bsap_conflict),
         }))
     return findings
 
@@ -166,6 +170,7 @@ def check_alp_monitor_due(facts: Facts, settings: Settings) -> list[Finding]:
             "due": iso(row.due), "window": {"from": iso(row.due - window), "to": iso(row.due + window)},
             "baseline": {"value_u_l": num(row.base_value, 1), "date": iso(row.base_day)},
             "therapy_start": iso(row.start), "caveat": ALP_CAVEAT,
+            **conflict_evidence(facts.conflict(row.patient_id, "alp", row.base_at)),
         }))
     return findings
 
@@ -180,9 +185,11 @@ def check_alp_nonbone(facts: Facts, settings: Settings) -> list[Finding]:
     alp = alp[above(alp, settings.clinical.alp_uln)]
     ggt = facts.labs[facts.labs["analyte"] == "ggt"]
     ggt = ggt[above(ggt, settings.clinical.ggt_uln)]
-    pairs = alp.merge(ggt[["patient_id", "value", "collected_day"]], on="patient_id", suffixes=("", "_ggt"))
+    pairs = alp.merge(ggt[["patient_id", "value", "collected_day", "collected_at"]], on="patient_id",
+                      suffixes=("", "_ggt"))
     pairs = pairs[(pairs["collected_day_ggt"] - pairs["collected_day"]).abs() <= pd.Timedelta(days=int(params["days"]))]
-    pairs = pairs.sort_values("collected_day_ggt").groupby("patient_id").tail(1)
+    # the latest high GGT by collection time (by day alone, two on one day came out in sort order)
+    pairs = pairs.sort_values("collected_at_ggt", kind="stable").groupby("patient_id").tail(1)
     findings = []
     for row in pairs.itertuples(index=False):
         findings.append(finding(settings, "ALP_NONBONE_CAUSE", row.patient_id, f"ALP {iso(row.collected_day)}",
@@ -193,6 +200,8 @@ def check_alp_nonbone(facts: Facts, settings: Settings) -> list[Finding]:
             "alp": {"value_u_l": num(row.value, 1), "date": iso(row.collected_day), "kind": "total ALP"},
             "ggt": {"value_u_l": num(row.value_ggt, 1), "date": iso(row.collected_day_ggt)},
             "caveat": ALP_CAVEAT,
+            **conflict_evidence(facts.conflict(row.patient_id, "alp", row.collected_at),
+                                facts.conflict(row.patient_id, "ggt", row.collected_at_ggt)),
         }))
     return findings
 

@@ -32,3 +32,10 @@ def finding(settings: Settings, rule: str, patient_id: str, episode: str, observ
         severity=Severity(spec.severity), episode=episode, observed_on=day(observed_on),
         action=action or spec.action, citation=spec.citation, evidence=evidence,
     )
+
+
+def conflict_evidence(*notes) -> dict:
+    """`{"conflict": ...}` naming the same-instant conflicting results a finding used (each note
+    says which values and which one was used; several are joined with '; '), or {} when none."""
+    said = list(dict.fromkeys(n for n in notes if isinstance(n, str) and n))
+    return {"conflict": "; ".join(said)} if said else {}

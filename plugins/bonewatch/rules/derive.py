@@ -2,13 +2,15 @@
 
 Inputs are the store's rows as DataFrames; nothing here reads a clock or a file. Every frame is
 restricted to what was collected (or happened) on or before `as_of`, so evaluating a past night
-on today's store gives that night's answer.
+on today's store gives that night's answer; birth date and sex are the exception: timeless facts
+(SPEC 2.5), they hold for every night whenever they were delivered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, tzinfo
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,26 @@ from bonewatch.config import Settings
 
 BISPHOSPHONATES = {"zoledronic_acid", "pamidronate"}
 USABLE = {"final", "corrected"}     # preliminary is shown but drives nothing; cancelled has no effect
+#: Event types that hold for every night, a past one included, whenever they were delivered (SPEC 2.5):
+#: a Patient loaded today is stamped with today, and cut off by the night a backfill had no age or sex.
+TIMELESS = ("birth_date", "sex")
+
+#: Two results of one analyte for one patient at one instant with different values (real exports
+#: have them): the rules use the cautious one, the reading that would raise the alert, and the
+#: evidence names both. +1 the higher: creatinine (RENAL_HOLD, and the lower CrCl for DOSE_BAND),
+#: ALP, GGT, albumin (the lower corrected calcium); -1 the lower: calcium, weight (the lower CrCl).
+#: The renal baseline is the exception: the lower creatinine (see `renal.renal_baselines`).
+CAUTIOUS = {"creatinine": 1, "alp": 1, "ggt": 1, "albumin": 1, "bsap_activity": 1, "bsap_mass": 1,
+            "urine_albumin_24h": 1, "urine_albumin_spot": 1, "calcium": -1, "weight": -1}
+#: (reporting precision in decimals, plural, canonical unit) per analyte, for the evidence; values
+#: equal at reporting precision (SPEC 10) are no conflict
+READING = {"creatinine": (2, "creatinines", "mg/dL"), "calcium": (2, "calciums", "mg/dL"),
+           "albumin": (1, "albumins", "g/dL"), "alp": (1, "ALPs", "U/L"), "ggt": (1, "GGTs", "U/L"),
+           "weight": (1, "weights", "kg"), "bsap_activity": (1, "bone-specific ALPs", "U/L"),
+           "bsap_mass": (1, "bone-specific ALPs", "ug/L"),
+           "urine_albumin_24h": (0, "24-h urine albumins", "mg/24 h"),
+           "urine_albumin_spot": (1, "spot urine albumins", "mg/L")}
+_COUNT = {2: "two", 3: "three", 4: "four"}
 
 
 def agent_class(agent: pd.Series) -> pd.Series:
@@ -39,6 +61,21 @@ class Facts:
     doses: pd.DataFrame       # patient_id, agent, cls, at, day, dose_mg, course_no, course_start
     courses: pd.DataFrame     # one row per (patient, cls, course_no): start, last_dose, end, status ...
     scr: pd.DataFrame         # creatinine with CrCl and its inputs
+    conflicts: pd.DataFrame   # same-instant results that differ: patient_id, analyte, at, note, lowest, lowest_note
+
+    @cached_property
+    def _conflict_index(self) -> dict:
+        return {(p, a, t): (n, low) for p, a, t, n, low in zip(
+            self.conflicts["patient_id"], self.conflicts["analyte"], self.conflicts["at"],
+            self.conflicts["note"], self.conflicts["lowest_note"], strict=True)}
+
+    def conflict(self, patient_id: str, analyte: str, at, *, lowest: bool = False) -> str | None:
+        """The evidence note for results of `analyte` at instant `at` that differ, else None: which
+        values, and which one the rule used (the cautious one; `lowest`: the lowest exact one)."""
+        if at is None or pd.isna(at):
+            return None
+        found = self._conflict_index.get((str(patient_id), analyte, pd.Timestamp(at)))
+        return None if found is None else found[1 if lowest else 0]
 
 
 def _dates(series: pd.Series) -> pd.Series:
@@ -70,21 +107,117 @@ def _normalise(frame: pd.DataFrame, text: list[str]) -> pd.DataFrame:
 
 
 def prepare(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Settings) -> Facts:
-    """Restrict to `as_of`, then derive doses, courses and creatinine clearance."""
+    """Restrict to `as_of`, resolve same-instant conflicting results, then derive doses, courses
+    and creatinine clearance."""
     cutoff = pd.Timestamp(as_of)
     labs, events = _normalise(labs, LAB_TEXT), _normalise(events, EVENT_TEXT)
-    labs = labs.assign(collected_day=_dates(labs["collected_date"]))
-    labs = labs[(labs["collected_day"] <= cutoff) & labs["status"].isin(list(USABLE))]
-    labs = labs.sort_values(["patient_id", "collected_at", "result_id"], kind="stable").reset_index(drop=True)
+    labs = labs.assign(collected_day=_dates(labs["collected_date"])).reset_index(drop=True)
+    usable = (labs["collected_day"] <= cutoff) & labs["status"].isin(list(USABLE))
+    # Sorted on the key columns alone, the results of one analyte at one instant are neighbours:
+    # only those few are resolved (weights with the event weights, in creatinine_clearance); then the
+    # frame is taken once, one result per analyte and instant, in an order no result id decides.
+    keys = ["patient_id", "collected_at", "analyte"]
+    order = labs.loc[usable, keys].sort_values(keys, kind="stable")
+    same = np.zeros(len(order), dtype=bool)
+    if len(order):
+        same[1:] = True
+        for key in keys:   # each row against the one before it, compared in the column's own array type
+            column = order[key]
+            same[1:] &= (column.iloc[1:].reset_index(drop=True) == column.iloc[:-1].reset_index(drop=True)
+                         ).to_numpy(dtype=bool, na_value=False)
+    shared = same | np.append(same[1:], False)
+    shared &= order["analyte"].to_numpy() != "weight"
+    lose, conflicts = outvoted(labs.loc[order.index[shared]], "collected_at", settings.tz)
+    labs = labs.take(order.index[~order.index.isin(lose)]).reset_index(drop=True)
     events = events.assign(day=_dates(events["occurred_date"]))
+    visible = (events["day"] <= cutoff) | events["event_type"].isin(TIMELESS)
     # value and detail break ties between events of one type at one instant (two weights at the same
     # time): the result never depends on the order the rows came in
-    events = events[events["day"] <= cutoff].sort_values(["patient_id", "occurred_at", "event_type", "value", "detail"],
-                                                         kind="stable")
+    events = events[visible].sort_values(["patient_id", "occurred_at", "event_type", "value", "detail"],
+                                         kind="stable")
     events = events.reset_index(drop=True)
     doses, courses = build_courses(events, cutoff, settings)
     scr = creatinine_clearance(labs, events, settings)
-    return Facts(as_of, labs, events, doses, courses, scr)
+    return Facts(as_of, labs, events, doses, courses, scr, conflicts.rename(columns={"collected_at": "at"}))
+
+
+def _shown(values: np.ndarray, digits: np.ndarray) -> np.ndarray:
+    scale = 10.0 ** digits
+    return np.floor(values * scale + 0.5 + 1e-9) / scale
+
+
+def _label(censor: str, value: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return censor + (text.rstrip("0").rstrip(".") if "." in text else text)
+
+
+def same_instant(rows: pd.DataFrame, at: str, tz: tzinfo) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Several results of one analyte for one patient at one instant (`at`, naive UTC) reduced to
+    one, the cautious one (see `outvoted`). Returns the rows (index reset) and the conflicts."""
+    rows = rows.reset_index(drop=True)
+    lose, conflicts = outvoted(rows, at, tz)
+    return rows.drop(index=lose).reset_index(drop=True), conflicts
+
+
+def outvoted(rows: pd.DataFrame, at: str, tz: tzinfo) -> tuple[pd.Index, pd.DataFrame]:
+    """Of several results of one analyte for one patient at one instant (`at`, naive UTC), the
+    cautious one (CAUTIOUS; NaN never wins) stays, whatever the order of the rows or their result
+    ids. `rows` (a unique index) has patient_id, analyte, value, censor and `at`.
+
+    Returns the index labels of the rows that lose, and the conflicts: one row per instant whose
+    values differ at reporting precision, with patient_id, analyte, `at`, `note` ("two creatinines
+    at 2024-03-01 08:00: 1.9 and 1.2 mg/dL; the higher (1.9) is used", the time in the hospital's
+    zone), `lowest` (the lowest exact value) and `lowest_note` (the same words for it)."""
+    keys = ["patient_id", "analyte", at]
+    empty = pd.DataFrame({"patient_id": pd.Series(dtype="str"), "analyte": pd.Series(dtype="str"),
+                          at: pd.Series(dtype="datetime64[ns]"), "note": pd.Series(dtype="str"),
+                          "lowest": pd.Series(dtype="float64"), "lowest_note": pd.Series(dtype="str")})
+    shared = rows.index[rows.duplicated(keys, keep=False)]
+    if not len(shared):
+        return shared, empty
+    dup = rows.loc[shared]
+    sign = dup["analyte"].map(CAUTIOUS).fillna(1).to_numpy("float64")
+    digits = dup["analyte"].map({a: r[0] for a, r in READING.items()}).fillna(2).to_numpy("int64")
+    value = dup["value"].to_numpy("float64")
+    shown = _shown(value, digits)
+    bound = dup["censor"].map({"<": -1.0, ">": 1.0}).fillna(0.0).to_numpy("float64")
+    dup = dup.assign(_shown=shown, _digits=digits, _sign=sign, _k1=sign * shown, _k2=sign * bound, _k3=sign * value)
+    tie = ["result_id"] if "result_id" in dup.columns else []
+    # the cautious one last in its instant
+    dup = dup.sort_values([*keys, "_k1", "_k2", "_k3", *tie], kind="stable", na_position="first")
+    lose = dup.index[dup.duplicated(keys, keep="last")]
+    distinct = dup.dropna(subset=["_shown"]).drop_duplicates([*keys, "_shown", "censor"], keep="last")
+    distinct = distinct[distinct.duplicated(keys, keep=False)]
+    if distinct.empty:
+        return lose, empty
+    # the words, one conflict at a time: conflicts are few, and a plain pass over them is cheaper
+    # than grouping them in pandas
+    lowest = dup[dup["censor"] == ""].groupby(keys, sort=False)["value"].min().to_dict()
+    when = distinct[at].dt.tz_localize("UTC").dt.tz_convert(tz).dt.strftime("%Y-%m-%d %H:%M")
+    columns = [distinct[c].to_numpy(dtype=object) for c in ("patient_id", "analyte", at, "censor", "_shown",
+                                                            "_digits", "_sign")]
+    out: list[tuple] = []
+    instant, labels = None, []
+    for patient, analyte, moment, censor, shown_value, d, up, local in zip(*columns, when.to_numpy(dtype=object),
+                                                                        strict=True):
+        if (patient, analyte, moment) != instant:
+            instant, labels = (patient, analyte, moment), []
+            out.append((patient, analyte, moment, local, up, int(d), labels))
+        labels.insert(0, _label(censor, shown_value, int(d)))    # the cautious one (last) first
+    rows_out = []
+    for patient, analyte, moment, local, up, d, labels in out:
+        _, plural, unit = READING.get(analyte, (2, f"{analyte} results", ""))
+        n = len(labels)
+        listing = " and ".join(labels) if n == 2 else ", ".join(labels[:-1]) + " and " + labels[-1]
+        said = f"{_COUNT.get(n, str(n))} {plural} at {local}: {listing}{' ' + unit if unit else ''}"
+        pick = ("higher" if up > 0 else "lower") if n == 2 else ("highest" if up > 0 else "lowest")
+        low = lowest.get((patient, analyte, moment))
+        rows_out.append((patient, analyte, moment, f"{said}; the {pick} ({labels[0]}) is used",
+                         np.nan if low is None else low,
+                         None if low is None else
+                         f"{said}; the {'lower' if n == 2 else 'lowest'} ({_label('', low, d)}) is the baseline"))
+    conflicts = pd.DataFrame(rows_out, columns=["patient_id", "analyte", at, "note", "lowest", "lowest_note"])
+    return lose, conflicts.astype({"patient_id": "str", "analyte": "str", at: "datetime64[ns]", "lowest": "float64"})
 
 
 def build_courses(events: pd.DataFrame, cutoff: pd.Timestamp, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -155,7 +288,10 @@ def build_courses(events: pd.DataFrame, cutoff: pd.Timestamp, settings: Settings
 
 
 def latest_per_patient(events: pd.DataFrame, event_type: str) -> pd.DataFrame:
-    rows = events[events["event_type"] == event_type]
+    """The latest event of a type per patient (index patient_id): by occurred_at, then by value, so
+    two deliveries at one instant never depend on the order of the rows."""
+    rows = events[events["event_type"] == event_type].sort_values(["patient_id", "occurred_at", "value"],
+                                                                  kind="stable")
     return rows.groupby("patient_id", sort=False).tail(1).set_index("patient_id")
 
 
@@ -173,37 +309,39 @@ def creatinine_clearance(labs: pd.DataFrame, events: pd.DataFrame, settings: Set
     scr["birth_date"] = pd.to_datetime(scr["patient_id"].map(births), errors="coerce")
     scr["sex"] = scr["patient_id"].map(sexes)
     w_events = events[events["event_type"] == "weight_kg"]
+    w_labs = labs[labs["analyte"] == "weight"]
     weights = pd.concat([
-        pd.DataFrame({"patient_id": w_events["patient_id"], "w_at": w_events["occurred_at"],
-                      "w_day": w_events["day"], "weight_kg": pd.to_numeric(w_events["value"], errors="coerce")}),
-        pd.DataFrame({"patient_id": labs.loc[labs["analyte"] == "weight", "patient_id"],
-                      "w_at": labs.loc[labs["analyte"] == "weight", "collected_at"],
-                      "w_day": labs.loc[labs["analyte"] == "weight", "collected_day"],
-                      "weight_kg": labs.loc[labs["analyte"] == "weight", "value"]}),
-    ]).dropna(subset=["weight_kg"])
+        pd.DataFrame({"patient_id": w_events["patient_id"], "at": w_events["occurred_at"], "day": w_events["day"],
+                      "value": pd.to_numeric(w_events["value"], errors="coerce")}),
+        pd.DataFrame({"patient_id": w_labs["patient_id"], "at": w_labs["collected_at"], "day": w_labs["collected_day"],
+                      "value": w_labs["value"]}),
+    ]).dropna(subset=["value"]).assign(analyte="weight", censor="")
     scr["_i"] = np.arange(len(scr))
     if weights.empty or scr.empty:
         scr["weight_kg"] = np.nan
         scr["weight_day"] = pd.NaT
+        scr["weight_note"] = None
     else:
+        # two weights at one instant: the lower (the lower CrCl, the cautious reading), named in the evidence
+        weights, clashes = same_instant(weights, "at", settings.tz)
+        weights = weights.merge(clashes[["patient_id", "at", "note"]], on=["patient_id", "at"], how="left")
         # "within 90 days before": by calendar day, the weight's day may equal the creatinine's.
         left = scr.sort_values("collected_day")
-        # the day's latest weight; two at the same instant: the lower (the lower CrCl, the cautious reading)
-        right = weights.sort_values(["w_day", "w_at", "weight_kg"], ascending=[True, True, False],
-                                    kind="stable").drop_duplicates(["patient_id", "w_day"], keep="last")
-        merged = pd.merge_asof(left, right[["patient_id", "w_day", "weight_kg"]], left_on="collected_day",
+        # the day's latest weight
+        right = weights.sort_values(["day", "at"], kind="stable").drop_duplicates(["patient_id", "day"], keep="last")
+        right = right.rename(columns={"day": "w_day", "value": "weight_kg", "note": "weight_note"})
+        merged = pd.merge_asof(left, right[["patient_id", "w_day", "weight_kg", "weight_note"]], left_on="collected_day",
                                right_on="w_day", by="patient_id",
                                tolerance=pd.Timedelta(days=settings.clinical.weight_window_days))
         merged = merged.set_index("_i").reindex(scr["_i"])
         scr["weight_kg"] = merged["weight_kg"].to_numpy()
         scr["weight_day"] = merged["w_day"].to_numpy()
+        scr["weight_note"] = merged["weight_note"].to_numpy()
     day = scr["collected_day"]
     birth = scr["birth_date"]
     before_birthday = (day.dt.month < birth.dt.month) | ((day.dt.month == birth.dt.month) & (day.dt.day < birth.dt.day))
     scr["age"] = day.dt.year - birth.dt.year - before_birthday.astype("float64")
-    factor = np.where(scr["sex"] == "F", 0.85, np.where(scr["sex"] == "M", 1.0, np.nan))
-    crcl = (140 - scr["age"]) * scr["weight_kg"] / (72 * scr["value"]) * factor
-    scr["crcl"] = round_half_up(crcl, 1)
+    scr["crcl"] = cockcroft_gault(scr["age"], scr["weight_kg"], scr["value"], scr["sex"])
     missing = np.where(scr["birth_date"].isna(), "age (no birth date)",
                np.where(~scr["sex"].isin(["F", "M"]), "sex",
                np.where(scr["weight_kg"].isna(),
@@ -212,6 +350,15 @@ def creatinine_clearance(labs: pd.DataFrame, events: pd.DataFrame, settings: Set
     scr.loc[scr["censor"] != "", "crcl"] = np.nan
     scr.loc[(scr["censor"] != "") & (scr["crcl_missing"] == ""), "crcl_missing"] = "an exact creatinine (censored value)"
     return scr.drop(columns="_i").reset_index(drop=True)
+
+
+def cockcroft_gault(age, weight_kg, scr_mg_dl, sex) -> np.ndarray:
+    """CrCl (mL/min) at reporting precision (0.1): (140 - age) x weight / (72 x SCr), x 0.85 if
+    female; NaN when an input is missing or the sex is neither F nor M."""
+    sex = np.asarray(sex, dtype=object)
+    factor = np.where(sex == "F", 0.85, np.where(sex == "M", 1.0, np.nan))
+    age, weight, scr = (np.asarray(v, dtype="float64") for v in (age, weight_kg, scr_mg_dl))
+    return round_half_up((140 - age) * weight / (72 * scr) * factor, 1)
 
 
 def add_months(day, months: int) -> pd.Timestamp:
@@ -239,4 +386,6 @@ def urine_albumin(facts: Facts, *, only_24h: bool) -> pd.DataFrame:
                                 "kind": np.where(labs["analyte"] == "urine_albumin_24h",
                                                  "24-h urine albumin (mg/24 h)", "spot urine albumin")}))
     out = pd.concat([f for f in frames if not f.empty]) if any(not f.empty for f in frames) else frames[0]
-    return out.dropna(subset=["value"]).sort_values(["patient_id", "at"], kind="stable").reset_index(drop=True)
+    # two results at one instant: the higher last, so it decides the state after that instant (the
+    # cautious reading); the events' values are text, and '1200' sorted before '300'
+    return out.dropna(subset=["value"]).sort_values(["patient_id", "at", "value"], kind="stable").reset_index(drop=True)

@@ -7,39 +7,53 @@ import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.model import Finding
-from bonewatch.rules.common import finding, iso
+from bonewatch.rules.common import conflict_evidence, finding, iso, num
 from bonewatch.rules.derive import Facts, add_months, current_courses, urine_albumin
 
 AGENT_NAMES = {"zoledronic_acid": "zoledronic acid", "pamidronate": "pamidronate", "denosumab": "denosumab"}
 
 
 def check_pre_dose_scr(facts: Facts, settings: Settings) -> list[Finding]:
-    """The latest bisphosphonate dose of a current course had no SCr from dose day - 7 to dose day."""
+    """The latest bisphosphonate dose of a current course had no SCr from dose day - 7 to dose day;
+    the evidence names the last creatinine before the dose (value and date), or says there is none."""
     days = int(settings.rule("PRE_DOSE_SCR_MISSING").params["days"])
     courses = current_courses(facts, "bisphosphonate")
     doses = facts.doses.merge(courses[["patient_id", "cls", "course_no"]], on=["patient_id", "cls", "course_no"])
     latest = doses.groupby("patient_id", sort=False).tail(1)
     if latest.empty:
         return []
-    scr = facts.scr[["patient_id", "collected_day"]]
-    pairs = latest[["patient_id", "day"]].merge(scr, on="patient_id", how="left")
+    scr = facts.scr[["patient_id", "collected_day", "collected_at", "value", "censor"]]
+    pairs = latest[["patient_id", "day"]].merge(scr[["patient_id", "collected_day"]], on="patient_id", how="left")
     covered = pairs[(pairs["collected_day"] <= pairs["day"])
                     & (pairs["collected_day"] >= pairs["day"] - pd.Timedelta(days=days))]
     missing = latest[~latest.set_index(["patient_id", "day"]).index.isin(
-        covered.set_index(["patient_id", "day"]).index)]
-    previous = scr.sort_values("collected_day").groupby("patient_id").tail(1).set_index("patient_id")["collected_day"]
+        covered.set_index(["patient_id", "day"]).index)].reset_index(drop=True)
+    if missing.empty:
+        return []
+    # the last creatinine on or before the dose day, by collection time: not the latest overall
+    # (one after the dose), which made the evidence say no earlier creatinine was on file
+    before = scr.sort_values(["collected_day", "collected_at"], kind="stable").drop_duplicates(
+        ["patient_id", "collected_day"], keep="last")
+    missing = pd.merge_asof(missing.assign(_i=range(len(missing))).sort_values("day"),
+                            before.rename(columns={"collected_day": "scr_day", "collected_at": "scr_at",
+                                                   "value": "scr_value", "censor": "scr_censor"}),
+                            left_on="day", right_on="scr_day", by="patient_id").sort_values("_i")
     findings = []
     for row in missing.itertuples(index=False):
-        last = previous.get(row.patient_id)
-        before = last if last is not None and not pd.isna(last) and last <= row.day else None
+        window_from = iso(row.day - pd.Timedelta(days=days))
+        last = (None if pd.isna(row.scr_day) else
+                {"value_mg_dl": num(row.scr_value), "date": iso(row.scr_day), **(
+                    {"censor": row.scr_censor} if row.scr_censor else {})})
+        said = (f"the last before it was {row.scr_censor}{row.scr_value:.2f} mg/dL on {iso(row.scr_day)}."
+                if last is not None else "no creatinine before the dose is on file.")
         findings.append(finding(settings, "PRE_DOSE_SCR_MISSING", row.patient_id, f"dose {iso(row.day)}", row.day, {
-            "summary": (f"{AGENT_NAMES.get(row.agent, row.agent).capitalize()} was given on {iso(row.day)} with no "
-                        f"serum creatinine from {iso(row.day - pd.Timedelta(days=days))} to {iso(row.day)}; "
-                        + (f"the last one before it was on {iso(before)}." if before is not None
-                           else "no earlier creatinine is on file.")),
+            "summary": (f"{AGENT_NAMES.get(row.agent, row.agent).capitalize()} was given on {iso(row.day)}: no "
+                        f"serum creatinine in the {days} days before the dose ({window_from} to {iso(row.day)}); "
+                        + said),
             "dose": {"date": iso(row.day), "agent": row.agent, "dose_mg": None if pd.isna(row.dose_mg) else float(row.dose_mg)},
-            "window": {"from": iso(row.day - pd.Timedelta(days=days)), "to": iso(row.day)},
-            "last_scr_before": iso(before),
+            "window": {"from": window_from, "to": iso(row.day)},
+            "last_scr_before": last,
+            **conflict_evidence(facts.conflict(row.patient_id, "creatinine", row.scr_at)),
         }))
     return findings
 

@@ -12,8 +12,8 @@ import pandas as pd
 
 from bonewatch.config import Settings
 from bonewatch.model import Finding
-from bonewatch.rules.common import finding, iso, num
-from bonewatch.rules.derive import Facts, round_half_up
+from bonewatch.rules.common import conflict_evidence, finding, iso, num
+from bonewatch.rules.derive import Facts, cockcroft_gault, round_half_up
 
 BANDS = [  # (label, dose mg) in the label's order; see band_of_crcl for the half-open limits
     ("CrCl > 60", 4.0), ("CrCl 50-60", 3.5), ("CrCl 40-<50", 3.3), ("CrCl 30-<40", 3.0), ("CrCl < 30", None),
@@ -40,11 +40,16 @@ def band_of_dose(dose_mg: pd.Series, tolerance: float) -> pd.Series:
 
 
 def renal_baselines(facts: Facts, settings: Settings) -> pd.DataFrame:
-    """One row per bisphosphonate course: the renal baseline (SPEC 4), or why there is none."""
+    """One row per bisphosphonate course: the renal baseline (SPEC 4), or why there is none.
+
+    Two exact creatinines at the baseline's instant that differ: the lower is the baseline (and
+    its CrCl), `base_note` says so. Everywhere else the higher is used, but for a baseline the
+    lower is the cautious reading: a rise is measured from it (a larger rise, a lower threshold)
+    and a resume needs a lower value."""
     courses = facts.courses[facts.courses["cls"] == "bisphosphonate"].copy()
     if courses.empty:
         return courses.assign(base_value=np.nan, base_at=pd.NaT, base_day=pd.NaT, base_crcl=np.nan,
-                              base_censor="", base_result_id=None)
+                              base_censor="", base_result_id=None, base_note=None)
     window = pd.Timedelta(days=settings.clinical.renal_baseline_window_days)
     scr = facts.scr[facts.scr["censor"] == ""].sort_values("collected_day")
     # the last creatinine whose calendar day is on or before the first dose, within the window
@@ -58,7 +63,16 @@ def renal_baselines(facts: Facts, settings: Settings) -> pd.DataFrame:
                  "crcl": "base_crcl", "result_id": "base_result_id", "age": "base_age", "sex": "base_sex",
                  "weight_kg": "base_weight", "crcl_missing": "base_crcl_missing"}),
         left_on="start", right_on="base_day", by="patient_id", tolerance=window)
-    return merged.sort_values("_i").drop(columns="_i").reset_index(drop=True)
+    clashes = facts.conflicts[(facts.conflicts["analyte"] == "creatinine") & facts.conflicts["lowest"].notna()]
+    merged = merged.merge(clashes[["patient_id", "at", "lowest", "lowest_note"]].rename(
+        columns={"at": "base_at", "lowest_note": "base_note"}), on=["patient_id", "base_at"], how="left")
+    lower = merged["lowest"].notna() & (merged["lowest"] < merged["base_value"])
+    if lower.any():
+        merged.loc[lower, "base_crcl"] = cockcroft_gault(
+            merged.loc[lower, "base_age"], merged.loc[lower, "base_weight"], merged.loc[lower, "lowest"],
+            merged.loc[lower, "base_sex"])
+        merged.loc[lower, "base_value"] = merged.loc[lower, "lowest"]
+    return merged.sort_values("_i").drop(columns=["_i", "lowest"]).reset_index(drop=True)
 
 
 def renal_states(facts: Facts, baselines: pd.DataFrame, settings: Settings) -> pd.DataFrame:
@@ -106,15 +120,17 @@ def check_renal(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.Dat
         return [], empty, baselines
     key = ["patient_id", "course_no"]
     last = states.groupby(key, sort=False).tail(1)
-    last = last.merge(current[[*key, "base_day", "base_crcl", "base_result_id"]], on=key)
-    crossings = (states[states["hold_starts"]][[*key, "collected_day", "value", "rise", "threshold"]]
-                 .rename(columns={"collected_day": "episode_day", "value": "cross_value", "rise": "cross_rise",
-                                  "threshold": "cross_threshold"})
+    last = last.merge(current[[*key, "base_day", "base_crcl", "base_result_id", "base_note"]], on=key)
+    crossings = (states[states["hold_starts"]][[*key, "collected_day", "collected_at", "value", "rise", "threshold"]]
+                 .rename(columns={"collected_day": "episode_day", "collected_at": "cross_time", "value": "cross_value",
+                                  "rise": "cross_rise", "threshold": "cross_threshold"})
                  .drop_duplicates([*key, "episode_day"]))
-    resumes = (states[states["resumes"]][[*key, "collected_day", "value", "resume_limit", "crcl", "crcl_missing"]]
+    resumes = (states[states["resumes"]][[*key, "collected_day", "collected_at", "value", "resume_limit", "crcl",
+                                          "crcl_missing", "weight_note"]]
                .groupby(key, sort=False).tail(1)
-               .rename(columns={"collected_day": "resume_day", "value": "resume_value", "crcl": "resume_crcl",
-                                "crcl_missing": "resume_crcl_missing", "resume_limit": "resume_at"}))
+               .rename(columns={"collected_day": "resume_day", "collected_at": "resume_time", "value": "resume_value",
+                                "crcl": "resume_crcl", "crcl_missing": "resume_crcl_missing", "resume_limit": "resume_at",
+                                "weight_note": "resume_weight_note"}))
     last = last.dropna(subset=["episode_day"]).merge(crossings, on=[*key, "episode_day"], how="left")
     last = last.merge(resumes, on=key, how="left")
     hold_rule = settings.rule("RENAL_HOLD").params
@@ -138,6 +154,8 @@ def check_renal(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.Dat
                                f">= {row.cross_threshold:.2f}"),
                 "latest_scr": {"value_mg_dl": num(row.value), "date": iso(row.collected_day)},
                 "baseline": baseline, "course_start": iso(row.start),
+                **conflict_evidence(row.base_note, facts.conflict(row.patient_id, "creatinine", row.cross_time),
+                                    facts.conflict(row.patient_id, "creatinine", row.collected_at)),
             }))
         elif not pd.isna(row.resume_day) and row.resume_day >= row.episode_day:
             crcl = ("CrCl not computed: no " + row.resume_crcl_missing if pd.isna(row.resume_crcl)
@@ -152,6 +170,8 @@ def check_renal(facts: Facts, settings: Settings) -> tuple[list[Finding], pd.Dat
                 "hold_began": iso(row.episode_day), "baseline": baseline, "course_start": iso(row.start),
                 "crcl_ml_min": num(row.resume_crcl, 1),
                 "missing": None if not pd.isna(row.resume_crcl) else f"CrCl: no {row.resume_crcl_missing}",
+                **conflict_evidence(row.base_note, facts.conflict(row.patient_id, "creatinine", row.resume_time),
+                                    None if pd.isna(row.resume_crcl) else row.resume_weight_note),
             }))
     all_last = states.groupby(key, sort=False).tail(1)[[*key, "held"]]
     return findings, all_last, baselines
@@ -192,6 +212,7 @@ def check_dose_band(facts: Facts, held: pd.DataFrame, settings: Settings) -> lis
                      "formula": f"(140 - {int(row.age)}) x {row.weight_kg:.1f} / (72 x {row.value:.2f}) ({sex_word})"},
             "last_dose": {"date": iso(row.day), "dose_mg": num(row.dose_mg), "agent": "zoledronic acid"},
             "target_dose": target, "course_start": iso(row.start),
+            **conflict_evidence(facts.conflict(row.patient_id, "creatinine", row.collected_at), row.weight_note),
         }, action=action))
     return findings
 
@@ -215,6 +236,9 @@ def albuminuria_states(facts: Facts, settings: Settings) -> pd.DataFrame:
     rows["held"] = mark.groupby(key).ffill().fillna(0.0).astype(bool)
     starts = rows["held"] & ~rows["held"].groupby(key).shift(fill_value=False).astype(bool)
     rows["episode_day"] = rows["day"].where(starts).groupby(key).ffill()
+    # the result that started the episode (the first of its day may be another, under the limit)
+    for column in ("value", "day", "at"):
+        rows[f"first_{column}"] = rows[column].where(starts).groupby(key).ffill()
     return rows
 
 
@@ -227,15 +251,15 @@ def check_albuminuria(facts: Facts, settings: Settings) -> tuple[list[Finding], 
     last = rows.groupby(["patient_id", "course_no"], sort=False).tail(1)
     findings = []
     for row in last[last["held"]].itertuples(index=False):
-        first = rows[(rows["patient_id"] == row.patient_id) & (rows["course_no"] == row.course_no)
-                     & (rows["day"] == row.episode_day)].iloc[0]
         findings.append(finding(settings, "ALBUMINURIA", row.patient_id,
                                 f"course {iso(row.start)}; from {iso(row.episode_day)}", row.episode_day, {
-            "summary": (f"Urine albumin {first.value:.0f} mg/24 h on {iso(first.day)} is above {limit:.0f} mg/24 h"
-                        + (f"; the latest, {row.value:.0f} mg/24 h on {iso(row.day)}, is still above."
-                           if row.day != first.day else ".")),
-            "first_over": {"value_mg_24h": num(first.value, 0), "date": iso(first.day)},
+            "summary": (f"Urine albumin {row.first_value:.0f} mg/24 h on {iso(row.first_day)} is above {limit:.0f} "
+                        "mg/24 h" + (f"; the latest, {row.value:.0f} mg/24 h on {iso(row.day)}, is still above."
+                                     if row.at != row.first_at else ".")),
+            "first_over": {"value_mg_24h": num(row.first_value, 0), "date": iso(row.first_day)},
             "latest": {"value_mg_24h": num(row.value, 0), "date": iso(row.day)},
             "limit_mg_24h": limit, "course_start": iso(row.start),
+            **conflict_evidence(facts.conflict(row.patient_id, "urine_albumin_24h", row.first_at),
+                                facts.conflict(row.patient_id, "urine_albumin_24h", row.at)),
         }))
     return findings, last[["patient_id", "course_no", "held"]]
