@@ -90,7 +90,7 @@ def ctx_of(settings, chunk_rows=1000, refs=None, calls=None):
 def items_of(reader, path, ctx):
     items = list(reader(path, ctx))
     for kind, chunk in items:
-        assert list(chunk.frame.columns) == {"labs": feeds.LAB_COLUMNS, "events": feeds.EVENT_COLUMNS,
+        assert list(chunk.frame.columns) == {"labs": fhir.FHIR_LAB_COLUMNS, "events": feeds.EVENT_COLUMNS,
                                              "patients": sources.PATIENT_COLUMNS}[kind]
         assert chunk.frame.index.is_unique and chunk.frame.index.name == "line"
         assert all(isinstance(v, str) for v in chunk.frame.to_numpy().ravel())
@@ -365,8 +365,8 @@ def test_observation_values_censoring_status_and_events(tmp_path, settings):
     ]
     items = items_of(fhir.read_ndjson, write_lines(tmp_path / "o.ndjson", lines), ctx_of(settings))
     labs = {r[0]: r[1:] for r in rows(items, "labs")}
-    assert labs[2] == ("M1", "o1", "6768-6", "<5", "U/L", "2024-03-01T08:00:00+00:00", "final")
-    assert labs[3][-1] == "entered-in-error"
+    assert labs[2] == ("M1", "o1", "6768-6", "<5", "U/L", "2024-03-01T08:00:00+00:00", "final", "")
+    assert labs[3][-2:] == ("entered-in-error", "")
     assert labs[4][3] == "72.50"                                   # the number as sent
     assert labs[5][2] == "CREA"                                    # a code_map code in any system
     events = {r[0]: r[1:] for r in rows(items, "events") if r[2] not in ("birth_date", "sex")}
@@ -457,20 +457,19 @@ def test_bad_lines_are_quarantined_and_the_rest_kept(tmp_path, settings):
         observation("o8", subject),
     ]
     items = items_of(fhir.read_ndjson, write_lines(tmp_path / "bad.ndjson", lines), ctx_of(settings, 3))
-    assert [r[0] for r in rows(items, "labs")] == [2, 11, 13]
+    # without an id the result id is empty, and a code outside LOINC and the map is sent on as it
+    # is: the lab parser decides (BRIEF interfaces 1 and 6)
+    assert [(r[0], r[2], r[3]) for r in rows(items, "labs")] == [
+        (2, "o1", "2160-0"), (7, "", "2160-0"), (11, "o6", "8867-4"), (12, "o7", "HR"), (13, "o8", "2160-0")]
     assert reasons(items) == {
         3: "line is not JSON: Expecting property name enclosed in double quotes",
         4: "resource is not a JSON object",
         6: "resource without resourceType",
-        7: "Observation without id",
         8: fhir._NOT_FOUND,
         9: "resource without subject",
         10: "not UTF-8 text",
-        12: "unknown observation code 'HR'",
     }
     assert all("MRN-SECRET" not in reason for reason in reasons(items).values())
-    parsed = feeds.parse_labs(pd.concat(frames(items, "labs")), settings, "d", RECEIVED)
-    assert list(parsed.rejected.reason) == ["unknown code '8867-4'"]
 
 
 def test_bad_bundle_entries_are_quarantined_and_the_rest_kept(tmp_path, settings):
@@ -512,8 +511,10 @@ def test_unreadable_bundles_name_their_line(tmp_path, settings):
     text = good.read_text()
     cases = {
         "truncated.json": text[: len(text) // 2],
-        "patient.json": "\n\n" + json.dumps(patient("p", "M"), indent=1),
+        "outcome.json": "\n\n" + json.dumps({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "processing", "diagnostics": "search failed"}]}, indent=1),
         "list.json": "[]",
+        "no_type.json": json.dumps({"entry": [{"resource": patient("p", "M")}]}, indent=1),
     }
     lines = {}
     for name, content in cases.items():
@@ -523,8 +524,9 @@ def test_unreadable_bundles_name_their_line(tmp_path, settings):
         lines[name] = caught.value.line
         assert caught.value.path.endswith(name)
     assert lines["truncated.json"] == text[: len(text) // 2].count("\n") + 1
-    assert lines["patient.json"] == 4          # where its resourceType is
+    assert lines["outcome.json"] == 4          # where its resourceType is
     assert lines["list.json"] == 1
+    assert lines["no_type.json"] == 1          # the document: its top object is no resource
     (tmp_path / "latin1.json").write_bytes(b'{\n"resourceType": "Bundle",\n"id": "caf\xe9"\n}')
     with pytest.raises(SourceUnreadable) as caught:
         list(fhir.read_bundle(tmp_path / "latin1.json", ctx_of(settings)))
@@ -542,3 +544,240 @@ def test_empty_files_are_unreadable(tmp_path, settings, reader, name):
 def test_an_empty_bundle_reads_as_nothing(tmp_path, settings):
     (tmp_path / "b.json").write_text('{"resourceType": "Bundle", "type": "searchset", "total": 0}')
     assert list(fhir.read_bundle(tmp_path / "b.json", ctx_of(settings))) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# what real servers and exports send (issue 13; the files are described in their README)
+
+SHAPES = Path(__file__).resolve().parents[1] / "data" / "shapes" / "fhir"
+
+
+def labs_of(items):
+    """line -> (patient_id, result_id, code, value, unit, collected_at, status, collected_basis)"""
+    return {r[0]: r[1:] for r in rows(items, "labs")}
+
+
+def test_nested_bundles_are_read_depth_first(settings):
+    # 1 searchset Bundle, 2 its Patient, 3 its creatinine; 4 collection Bundle, 5 the transaction
+    # Bundle inside it, 6 its calcium; 7 a response without a body; 8 an ALP at the top
+    items = items_of(fhir.read_bundle, SHAPES / "nested_bundle.json", ctx_of(settings))
+    labs = labs_of(items)
+    assert sorted(labs) == [3, 6, 8]
+    assert [(labs[n][0], labs[n][1], labs[n][2]) for n in (3, 6, 8)] == [
+        ("MRN-N1", "crea-1", "2160-0"), ("MRN-N1", "ca-1", "17861-6"), ("MRN-N1", "alp-1", "6768-6")]
+    assert rows(items, "patients") == [(2, "Patient/123", "MRN-N1")]
+    assert [r[:4] for r in rows(items, "events")] == [(2, "MRN-N1", "birth_date", "2024-01-05T10:00:00Z"),
+                                                      (2, "MRN-N1", "sex", "2024-01-05T10:00:00Z")]
+    assert bad(items) == []
+    small = items_of(fhir.read_bundle, SHAPES / "nested_bundle.json", ctx_of(settings, 1))
+    assert rows(small, "labs") == rows(items, "labs") and rows(small, "events") == rows(items, "events")
+
+
+def test_a_nested_bundle_whose_entry_is_not_a_list_is_a_bad_row(tmp_path, settings):
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Bundle", "type": "searchset", "entry": {"resource": patient("p", "M")}}},
+        {"resource": observation("o1", {"identifier": {"value": "M2"}})}]}
+    (tmp_path / "b.json").write_text(json.dumps(bundle))
+    items = items_of(fhir.read_bundle, tmp_path / "b.json", ctx_of(settings))
+    assert reasons(items) == {1: "Bundle.entry is not a list"}
+    assert [(r[0], r[1]) for r in rows(items, "labs")] == [(2, "M2")]
+
+
+def test_a_file_holding_one_bare_resource_is_read_as_a_bundle_of_one(settings):
+    items = items_of(fhir.read_bundle, SHAPES / "bare_observation.json", ctx_of(settings, refs={"Patient/example": "M-EX"}))
+    assert rows(items, "labs") == [(1, "M-EX", "crea-bare", "14682-9", "8.84E1", "umol/L", "2024-03-01", "final", "")]
+    parsed = feeds.parse_labs(frames(items, "labs")[0], settings, "d", RECEIVED).rows
+    assert parsed.value.round(6).tolist() == [1.0] and parsed.analyte.tolist() == ["creatinine"]
+    assert parsed.collected_date.astype(str).tolist() == ["2024-03-01"]   # a date alone: local midnight
+
+
+def test_a_bare_patient_gives_its_demographics(tmp_path, settings):
+    resource = patient("p1", "MRN-B", birthDate="1950-01-02", gender="male", meta={"lastUpdated": "2024-02-03T04:05:06Z"})
+    (tmp_path / "patient.json").write_text(json.dumps(resource, indent=1))
+    items = items_of(fhir.read_bundle, tmp_path / "patient.json", ctx_of(settings))
+    assert rows(items, "patients") == [(1, "Patient/p1", "MRN-B")]
+    assert [r[1:5] for r in rows(items, "events")] == [("MRN-B", "birth_date", "2024-02-03T04:05:06Z", "1950-01-02"),
+                                                       ("MRN-B", "sex", "2024-02-03T04:05:06Z", "M")]
+
+
+def test_ndjson_under_a_json_name_is_read_as_ndjson(tmp_path, settings):
+    path = write_lines(tmp_path / "export.json", [patient("p", "M1"), observation("o1", {"reference": "Patient/p"})])
+    items = items_of(fhir.read_bundle, path, ctx_of(settings))
+    assert [(r[0], r[1], r[2]) for r in rows(items, "labs")] == [(2, "M1", "o1")]
+
+
+def test_contained_medication_gives_the_dose(settings):
+    # 1 Patient, 2 MedicationAdministration, 3 its Medication; 4 MedicationAdministration, 5 its
+    # Practitioner, 6 its Medication (a formulary code; RxNorm in the ingredient); 7 `#missing`
+    items = items_of(fhir.read_bundle, SHAPES / "contained_medication.json", ctx_of(settings))
+    assert [r[:6] for r in rows(items, "events") if r[2] != "birth_date"] == [
+        (2, "MRN-C1", "bisphosphonate_dose", "2024-02-01T14:00:00+00:00", "zoledronic_acid", "4"),
+        (4, "MRN-C1", "bisphosphonate_dose", "2024-03-01T14:00:00+00:00", "zoledronic_acid", "3.5")]
+    assert reasons(items) == {7: "medication reference not found in this file"}
+
+
+def test_medication_reference_to_a_medication_of_the_bundle(settings):
+    items = items_of(fhir.read_bundle, SHAPES / "bundle_medication_reference.json", ctx_of(settings))
+    assert [r[:6] for r in rows(items, "events")] == [
+        (1, "MRN-M1", "bisphosphonate_dose", "2024-02-02T09:00:00+00:00", "pamidronate", "90"),
+        (2, "MRN-M1", "bisphosphonate_dose", "2024-02-03T09:00:00+00:00", "denosumab", "")]
+    assert reasons(items) == {5: "medication reference not found in this file"}
+
+
+def test_ndjson_medication_reference_to_an_earlier_line(tmp_path, settings):
+    medication = {"resourceType": "Medication", "id": "zol",
+                  "code": {"coding": [{"system": fhir.RXNORM_SYSTEM, "code": "77655"}]}}
+    administration = {"resourceType": "MedicationAdministration", "status": "completed",
+                      "medicationReference": {"reference": "Medication/zol"}, "subject": {"reference": "Patient/p"},
+                      "effectiveDateTime": "2024-02-01", "dosage": {"dose": {"value": 4, "unit": "mg"}}}
+    path = write_lines(tmp_path / "m.ndjson", [patient("p", "M1"), medication, administration])
+    items = items_of(fhir.read_ndjson, path, ctx_of(settings))
+    assert rows(items, "events")[-1][:6] == (3, "M1", "bisphosphonate_dose", "2024-02-01", "zoledronic_acid", "4")
+
+
+def test_observation_without_effective_takes_its_reports_time(settings):
+    items = items_of(fhir.read_bundle, SHAPES / "report_effective.json", ctx_of(settings))
+    labs = labs_of(items)
+    # (result id, collected_at, collected_basis); line 2 is the report, 6 the second, 7 the
+    # Observation it contains (its id qualified by the report's, its subject the report's)
+    assert {n: (labs[n][1], labs[n][5], labs[n][7]) for n in labs} == {
+        3: ("crea-2", "2024-03-01T07:30:00+01:00", "DiagnosticReport.effective"),   # its own issued loses
+        4: ("ca-2", "2024-03-01T07:30:00+01:00", "DiagnosticReport.effective"),
+        5: ("alb-2", "2024-03-01T07:00:00+01:00", ""),                              # its own time
+        7: ("bone#alp", "2024-03-02T08:00:00+01:00", "DiagnosticReport.effective"),
+    }
+    assert {labs[n][0] for n in labs} == {"MRN-R1"} and bad(items) == []
+
+
+def test_observation_without_any_effective_falls_back_to_issued(settings):
+    items = items_of(fhir.read_bundle, SHAPES / "issued_fallback.json", ctx_of(settings))
+    labs = labs_of(items)
+    assert {n: (labs[n][1], labs[n][5], labs[n][7]) for n in labs} == {
+        2: ("crea-3", "2024-03-05T11:00:00Z", "issued"),      # no report: its own issued
+        4: ("ca-3", "2024-03-06T12:00:00Z", "issued"),        # a report without effective: its issued
+        5: ("crea-4", "2024-03-06T10:00:00Z", "issued"),      # the Observation's issued first
+        6: ("alb-3", "", ""),                                 # nothing: the lab parser says "missing date"
+    }
+    parsed = feeds.parse_labs(pd.concat(frames(items, "labs")), settings, "d", RECEIVED)
+    assert list(parsed.rejected.reason) == ["missing date"]
+
+
+def test_ndjson_takes_a_reports_time_within_the_chunk_else_issued(tmp_path, settings):
+    subject = {"reference": "Patient/p"}
+
+    def untimed(rid, issued=None):
+        resource = {**observation(rid, subject), "effectiveDateTime": None}
+        return {k: v for k, v in {**resource, "issued": issued}.items() if v is not None}
+
+    report = {"resourceType": "DiagnosticReport", "id": "r", "status": "final", "subject": subject,
+              "code": {"coding": [{"system": fhir.LOINC_SYSTEM, "code": "24362-6"}]},
+              "effectiveDateTime": "2024-03-01T07:30:00Z",
+              "result": [{"reference": "Observation/a"}, {"reference": "Observation/b"}, {"reference": "Observation/c"}]}
+    lines = [patient("p", "M1"), untimed("a", "2024-03-02T00:00:00Z"), report, untimed("b"),
+             untimed("c", "2024-03-03T00:00:00Z"), untimed("d", "2024-03-04T00:00:00Z")]
+    path = write_lines(tmp_path / "obs.ndjson", lines)
+    whole = labs_of(items_of(fhir.read_ndjson, path, ctx_of(settings)))
+    assert {n: (whole[n][1], whole[n][5], whole[n][7]) for n in whole} == {
+        2: ("a", "2024-03-01T07:30:00Z", "DiagnosticReport.effective"),   # the report comes later, in the chunk
+        4: ("b", "2024-03-01T07:30:00Z", "DiagnosticReport.effective"),
+        5: ("c", "2024-03-01T07:30:00Z", "DiagnosticReport.effective"),
+        6: ("d", "2024-03-04T00:00:00Z", "issued"),                       # no report lists it
+    }
+    # a chunk of two lines: Observation `a` is converted before the report is read
+    small = labs_of(items_of(fhir.read_ndjson, path, ctx_of(settings, 2)))
+    assert (small[2][5], small[2][7]) == ("2024-03-02T00:00:00Z", "issued")
+    assert {n: small[n] for n in (4, 5, 6)} == {n: whole[n] for n in (4, 5, 6)}
+
+
+def test_ndjson_report_with_contained_observations(tmp_path, settings):
+    report = {"resourceType": "DiagnosticReport", "id": "r7", "status": "final", "subject": {"reference": "Patient/p"},
+              "effectiveDateTime": "2024-03-01", "result": [{"reference": "#c1"}, {"reference": "#c2"}],
+              "contained": [{**observation("c1", None), "effectiveDateTime": None, "subject": None},
+                            {**observation("c2", None, code="17861-6"), "effectiveDateTime": None, "subject": None},
+                            {**observation("c3", None, code="6768-6"), "subject": None}]}
+    path = write_lines(tmp_path / "r.ndjson", [patient("p", "M1"), report])
+    items = items_of(fhir.read_ndjson, path, ctx_of(settings))
+    assert sorted(r[1:] for r in rows(items, "labs")) == [
+        ("M1", "r7#c1", "2160-0", "1.2", "mg/dL", "2024-03-01", "final", "DiagnosticReport.effective"),
+        ("M1", "r7#c2", "17861-6", "1.2", "mg/dL", "2024-03-01", "final", "DiagnosticReport.effective"),
+        ("M1", "r7#c3", "6768-6", "1.2", "mg/dL", "2024-03-01T08:00:00+00:00", "final", "")]
+    assert {r[0] for r in rows(items, "labs")} == {2}      # one line: three chunks of one row each
+
+
+def test_unit_is_the_code_only_when_the_system_is_ucum(settings):
+    items = items_of(fhir.read_ndjson, SHAPES / "units.ndjson", ctx_of(settings))
+    assert {n: r[4] for n, r in labs_of(items).items()} == {
+        2: "umol/L",      # SNOMED CT unit code 258814008, unit text umol/L
+        3: "mg/dL",       # no system: the text, not the code MGDL
+        4: "mg/dL",       # no system, no text: the code
+        5: "mmol/L",      # UCUM: the code, not the text
+        6: "g/L",         # UCUM by its OID
+    }
+    parsed = feeds.parse_labs(frames(items, "labs")[0], settings, "d", RECEIVED)
+    assert parsed.rejected.empty
+    assert parsed.rows.set_index("result_id").value.round(4).to_dict() == {
+        "u1": round(97 / 88.4, 4), "u2": 1.1, "u3": 1.2, "u4": round(2.3 * 4.008, 4), "u5": 3.8}
+
+
+def test_every_coded_observation_is_a_lab_row(settings):
+    # 1 Patient; 2-5 CBC (haemoglobin 718-7, WBC, platelets, haematocrit); 6 the panel; 7 a blood
+    # pressure (components only); 8 a local code only; 9 a local code and LOINC; 10 no code;
+    # 11 text only; 12 no id; 13 the DiagnosticReport
+    items = items_of(fhir.read_bundle, SHAPES / "cbc_panel.json", ctx_of(settings))
+    labs = labs_of(items)
+    assert labs[2] == ("MRN-CBC", "cbc-1", "718-7", "13.2", "g/dL", "2024-03-03T09:45:50+01:00", "final", "")
+    assert {n: (r[1], r[2], r[3]) for n, r in labs.items()} == {
+        2: ("cbc-1", "718-7", "13.2"), 3: ("cbc-2", "6690-2", "6.1"), 4: ("cbc-3", "777-3", "250"),
+        5: ("cbc-4", "4544-3", "40.1"),
+        6: ("panel", "58410-2", ""), 7: ("bp", "85354-9", ""),            # no value: a row all the same
+        8: ("hgb-local", "HGB", "13.1"),                                  # the local code, for the data team
+        9: ("crea-local", "2160-0", "1.0"),                               # LOINC wins over the local code
+        12: ("", "2951-2", "139"),                                        # no id: the lab parser decides
+    }
+    assert reasons(items) == {10: "Observation without a code", 11: "Observation code without a coding (text only)"}
+
+
+def test_without_loinc_the_mapped_local_code_else_the_first_code(tmp_path, settings):
+    settings.ingest.code_map["CREA"] = "2160-0"
+    mapped, unmapped = (observation(rid, {"identifier": {"value": "M1"}}) for rid in ("o1", "o2"))
+    mapped["code"] = {"coding": [{"system": "urn:lab:a", "code": "X1"}, {"system": "urn:lab:b", "code": "CREA"}]}
+    unmapped["code"] = {"coding": [{"system": "urn:lab:a", "display": "no code"}, {"system": "urn:lab:a", "code": "X2"},
+                                   {"system": "urn:lab:b", "code": "X3"}]}
+    items = items_of(fhir.read_ndjson, write_lines(tmp_path / "o.ndjson", [mapped, unmapped]), ctx_of(settings))
+    assert [r[3] for r in rows(items, "labs")] == ["CREA", "X2"]
+
+
+def test_subjects_as_real_systems_write_them(tmp_path, settings):
+    contained = {**observation("o1", {"reference": "#pat"}),
+                 "contained": [patient("pat", "MRN-CONTAINED")]}
+    conditional = observation("o2", {"reference": "Patient?identifier=urn:oid:1.2.3.4.5|MRN-COND"})
+    uuid_ref = observation("o3", {"reference": "urn:uuid:7f0c0000-0000-4000-8000-000000000001"})
+    nowhere = observation("o4", {"reference": "#nobody"})
+    path = write_lines(tmp_path / "s.ndjson", [contained, conditional, uuid_ref, nowhere])
+    calls = []
+    items = items_of(fhir.read_ndjson, path, ctx_of(
+        settings, refs={"Patient/7f0c0000-0000-4000-8000-000000000001": "MRN-UUID"}, calls=calls))
+    assert [(r[0], r[1]) for r in rows(items, "labs")] == [(1, "MRN-CONTAINED"), (2, "MRN-COND"), (3, "MRN-UUID")]
+    assert calls == [["Patient/7f0c0000-0000-4000-8000-000000000001"]]
+    assert reasons(items) == {4: fhir._NOT_FOUND}
+
+
+def test_patient_sex_from_us_core_extensions_when_gender_is_absent(tmp_path, settings):
+    individual = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-individual-sex"
+    birth = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+    lines = [
+        patient("p1", "M1", extension=[{"url": individual, "valueCoding": {"system": fhir.SNOMED_SYSTEM,
+                                                                           "code": "248152002"}}]),
+        patient("p2", "M2", extension=[{"url": birth, "valueCode": "M"}]),
+        patient("p3", "M3", gender="unknown", extension=[{"url": birth, "valueCode": "F"}]),   # gender decides
+    ]
+    items = items_of(fhir.read_ndjson, write_lines(tmp_path / "p.ndjson", lines), ctx_of(settings))
+    assert [(r[1], r[4]) for r in rows(items, "events") if r[2] == "sex"] == [("M1", "F"), ("M2", "M")]
+
+
+def test_a_bundle_on_an_ndjson_line_is_quarantined(tmp_path, settings):
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient("p", "M")}]}
+    path = write_lines(tmp_path / "b.ndjson", [bundle, observation("o1", {"identifier": {"value": "M1"}})])
+    items = items_of(fhir.read_ndjson, path, ctx_of(settings))
+    assert reasons(items) == {1: "a Bundle on an NDJSON line (one resource a line; send a Bundle as a .json file)"}
+    assert [r[0] for r in rows(items, "labs")] == [2]

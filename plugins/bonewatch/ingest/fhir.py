@@ -1,15 +1,40 @@
-"""FHIR R4 deliveries (SPEC 2.3): a Bundle (`*.json`, one document) or a bulk-export NDJSON file
-(`*.ndjson`, one resource a line, streamed), read into the canonical chunks of `sources`.
+"""FHIR R4 deliveries (SPEC 2.3): a Bundle or a single resource (`*.json`, one document), or a
+bulk-export NDJSON file (`*.ndjson`, one resource a line, streamed), read into the canonical chunks
+of `sources`.
 
 Parsing uses the standard `json` module with defensive access: hostile feeds send anything, and
 every resource that cannot be used becomes a bad row with a reason (never a crash, never silently
 dropped; resource types that carry nothing bonewatch uses, such as Encounter, are ignored).
 Numbers are kept as the text that was sent (`parse_float=str`), so `4.0` stays `4.0`.
 
-A `subject` reference resolves within the file (Bundle: by `fullUrl` and by `Patient/<id>`;
-NDJSON: Patients of the same file up to the current chunk), else through `ctx.patient_refs`, one
-bulk lookup a chunk into the Patients of earlier deliveries. `subject.identifier.value` is taken
-as the MRN when the reference does not resolve within the file.
+What a row's "line" is (the index of every frame and bad row, unique within a file):
+- NDJSON: the line number. Rows of one line (a Patient's birth date and sex, the Observations a
+  DiagnosticReport contains) share it and go into successive chunks, one row of the line a chunk.
+- `*.json`: the resource's ordinal in a depth-first walk of the document. The top Bundle's entries
+  count 1, 2, 3...; a resource's contained resources count right after it; an entry holding a
+  Bundle (of any type) counts once, then its own entries count, before the next entry of the outer
+  Bundle. So a flat Bundle without contained resources is indexed by entry number, and a file
+  holding one bare resource is line 1.
+
+References resolve within the file, then through earlier deliveries:
+- `subject`: `#id` to a contained Patient; `fullUrl`, `Patient/<id>` (relative or absolute, with
+  or without `_history`), `urn:uuid:<id>` and `Patient?identifier=<system>|<value>` (the value is
+  the MRN) to a Patient anywhere in the file (NDJSON: in the file so far), else through
+  `ctx.patient_refs`, one bulk lookup a chunk into the Patients of earlier deliveries;
+  `subject.identifier.value` is taken as the MRN when the reference does not resolve in the file.
+  A contained resource without a subject has its container's.
+- `MedicationAdministration.medicationReference`: `#id` to a contained Medication, else a
+  Medication of the file (Bundle: anywhere; NDJSON: an earlier line, the last
+  `_REMEMBERED` Medications); its `code` and its ingredients' codes are searched for the RxNorm code.
+- An Observation without `effective[x]` takes the effective time of the DiagnosticReport of the
+  file whose `result` lists it (by `fullUrl`, `Observation/<id>` or, for an Observation contained
+  in the report, `#id`), else its own `issued`, else that report's `issued`; the lab row's 8th
+  column `collected_basis` says which ("" when it had its own time). A Bundle sees every report in
+  the file; NDJSON sees the reports of the lines read so far and of the rest of the current chunk
+  (the last `_REMEMBERED` result references): a report further down the file comes too late, and
+  the Observation falls back to its `issued`. A DiagnosticReport itself gives no row; the
+  Observations it contains do (their result id is `<the report's id>#<their id>`: a contained id
+  is only unique within its container).
 
 `write_bundle` / `write_ndjson` are the exact inverse of the readers for lab and event CSV rows
 (tests and the synthetic generator): reading what they write gives back the same rows.
@@ -21,12 +46,13 @@ import hashlib
 import json
 import re
 import uuid
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 
@@ -50,6 +76,19 @@ MRN_SYSTEM = "urn:oid:1.2.3.4.5"
 #: Patient extension (valueDateTime) holding when the demographics were recorded, written when that
 #: moment is not a FHIR instant (a date alone) and so cannot go into `meta.lastUpdated`.
 RECORDED_EXTENSION = "urn:bonewatch:recorded-at"
+#: the spellings real systems use for one code system (the canonical URL, its OID, a trailing slash;
+#: HL7 table 0203 under its pre-R4 URL)
+LOINC_SYSTEMS = frozenset({LOINC_SYSTEM, "http://loinc.org/", "https://loinc.org", "urn:oid:2.16.840.1.113883.6.1"})
+RXNORM_SYSTEMS = frozenset({RXNORM_SYSTEM, "urn:oid:2.16.840.1.113883.6.88"})
+UCUM_SYSTEMS = frozenset({UCUM_SYSTEM, "http://unitsofmeasure.org/", "urn:oid:2.16.840.1.113883.6.8"})
+ICD10CM_SYSTEMS = frozenset({ICD10CM_SYSTEM, "urn:oid:2.16.840.1.113883.6.90"})
+MR_TYPE_SYSTEMS = frozenset({V2_0203_SYSTEM, "http://hl7.org/fhir/v2/0203", ""})
+
+#: the 8th column of a FHIR lab frame (after `feeds.LAB_COLUMNS`): where `collected_at` came from
+BASIS_COLUMN = "collected_basis"
+FHIR_LAB_COLUMNS = [*LAB_COLUMNS, BASIS_COLUMN]
+BASIS_REPORT = "DiagnosticReport.effective"
+BASIS_ISSUED = "issued"
 
 #: RxNorm -> (event type, value)
 RXNORM_EVENTS = {
@@ -61,6 +100,12 @@ RXNORM_EVENTS = {
 AGENT_RXNORM = {value: code for code, (kind, value) in RXNORM_EVENTS.items() if kind == "bisphosphonate_dose"}
 DEFAULT_SNOMED_MAP = {"34043003": "dental_exam"}
 SEX_OF_GENDER = {"female": "F", "male": "M"}
+#: a Patient without `gender` (US Core 9 examples) may carry its sex in an extension: US Core's
+#: individual sex (SNOMED CT female / male findings) or birth sex (F / M)
+SEX_EXTENSIONS = {
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-individual-sex": {"248152002": "F", "248153007": "M"},
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex": {"F": "F", "M": "M"},
+}
 GENDER_OF_SEX = {"f": "female", "female": "female", "m": "male", "male": "male"}
 LAB_STATUS = {"final": "final", "f": "final", "corrected": "corrected", "c": "corrected",
               "preliminary": "preliminary", "p": "preliminary", "cancelled": "cancelled", "x": "cancelled"}
@@ -75,10 +120,14 @@ _ICD10_SHAPE = re.compile(r"^[A-Z]\d{2}(\.?[0-9A-Z]{1,4})?$")
 _CENSORED = re.compile(
     r"^\s*(?P<comparator><=|>=|<|>)?\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$")
 _RAW_MAX = 65536
+#: NDJSON: how many DiagnosticReport result references and Medications are remembered for the lines
+#: that follow (the oldest are forgotten first: a bulk export is larger than memory)
+_REMEMBERED = 100_000
 #: a JSON escape of a UTF-16 surrogate: alone (`"\ud800"`) it decodes to a string no UTF-8 text holds
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = "not valid Unicode text (a lone surrogate escape)"
 _NOT_FOUND = "subject reference not found in this file or earlier deliveries"
+_NO_CONTAINED: Mapping[str, dict] = MappingProxyType({})
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,18 +205,48 @@ def _note(resource: dict) -> str:
     return ""
 
 
-def _patient_key(reference: str) -> str:
-    """'Patient/<id>' from a relative or absolute reference (with or without `_history`), or ""."""
+def _typed_key(reference: str, resource_type: str) -> str:
+    """'<Type>/<id>' from a relative or absolute reference (with or without `_history`), or from a
+    `urn:uuid:` reference (Synthea and most exporters use the resource id as the uuid), or ""."""
     parts = reference.split("/")
     for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "Patient" and parts[i + 1]:
-            return "Patient/" + parts[i + 1]
+        if parts[i] == resource_type and parts[i + 1]:
+            return f"{resource_type}/{parts[i + 1]}"
+    if reference.startswith("urn:uuid:") and len(reference) > 9:
+        return f"{resource_type}/{reference[9:]}"
     return ""
+
+
+def _patient_key(reference: str) -> str:
+    return _typed_key(reference, "Patient")
 
 
 def _raw(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text[:_RAW_MAX]
+
+
+def _effective(resource: dict) -> str:
+    """effectiveDateTime, effectivePeriod.start or effectiveInstant (Observation, DiagnosticReport)."""
+    return (_s(resource.get("effectiveDateTime")) or _s(_d(resource.get("effectivePeriod")).get("start"))
+            or _s(resource.get("effectiveInstant")))
+
+
+def _contained_of(resource: dict) -> Mapping[str, dict]:
+    """'#id' -> the resources a resource contains."""
+    contained = resource.get("contained")
+    if not contained:
+        return _NO_CONTAINED
+    return {"#" + _s(c.get("id")): c for c in _l(contained) if isinstance(c, dict) and _s(c.get("id"))}
+
+
+def _quantity_unit(quantity: dict) -> str:
+    """A Quantity's unit: its `code` when the code is UCUM, else the human-readable `unit` (a SNOMED
+    or local unit code means nothing to the unit table; its text usually does), else the code."""
+    code, text = _s(quantity.get("code")), _s(quantity.get("unit"))
+    if _s(quantity.get("system")) in UCUM_SYSTEMS:
+        return code or text
+    return text or code
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,16 +266,53 @@ class _Out:
     kind: str                      # "labs" | "events" | "bad"
     fields: tuple[str, ...] = ()   # the row without patient_id (or (reason,) for "bad")
     subject: _Subject | None = None  # None: fields already hold the patient_id first
+    #: a lab row whose time comes from a DiagnosticReport of the file: (the Observation's keys, its
+    #: own `issued`); resolved when the chunk is converted (`_timed`)
+    pending: tuple[tuple[str, ...], str] | None = None
 
 
-def _subject_of(resource: dict) -> _Subject:
+class _Where:
+    """Where a resource sits in the file: what its references resolve against. (A plain class with
+    slots: one is made for every resource of a Bundle.)"""
+
+    __slots__ = ("full_url", "contained", "container", "container_key", "report")
+
+    def __init__(self, full_url: str = "", contained: Mapping[str, dict] = _NO_CONTAINED,
+                 container: dict | None = None, container_key: str = "",
+                 report: tuple[str, str] | None = None):
+        self.full_url = full_url
+        #: '#id' -> contained resources: the resource's own, or, for a contained resource, its container's
+        self.contained = contained
+        self.container = container            # a contained resource's container
+        self.container_key = container_key    # the container's id (else identifier, else fullUrl)
+        self.report = report                  # (effective, issued) of the report listing a contained Observation
+
+
+_NOWHERE = _Where()
+
+
+def _subject_of(resource: dict, where: _Where) -> _Subject:
     subject = resource.get("subject")
+    if not isinstance(subject, dict) and where.container is not None:
+        return _subject_of(where.container, _Where(contained=where.contained))
     if not isinstance(subject, dict):
         return _Subject(missing=True)
     reference = _s(subject.get("reference"))
     mrn = _s(_d(subject.get("identifier")).get("value"))
     if not reference and not mrn:
         return _Subject(missing=True)
+    if reference.startswith("#"):
+        target = where.contained.get(reference)
+        if isinstance(target, dict) and target.get("resourceType") == "Patient":
+            mrn = patient_id_of(target) or mrn
+        return _Subject((), "", mrn)
+    if reference.startswith("Patient?"):
+        # a conditional reference (transaction Bundles): Patient?identifier=<system>|<value>
+        for part in reference[8:].split("&"):
+            name, _, value = part.partition("=")
+            if name == "identifier" and value:
+                mrn = value.rpartition("|")[2] or mrn
+        return _Subject((), "", mrn)
     key = _patient_key(reference) if reference else ""
     keys = tuple(k for k in dict.fromkeys((reference, key)) if k)
     return _Subject(keys, key, mrn)
@@ -207,7 +323,7 @@ def patient_id_of(resource: dict) -> str:
     identifiers = [i for i in _l(resource.get("identifier")) if isinstance(i, dict) and _s(i.get("value"))]
     for identifier in identifiers:
         for system, code in _codings(identifier.get("type")):
-            if code == "MR" and system in (V2_0203_SYSTEM, ""):
+            if code == "MR" and system in MR_TYPE_SYSTEMS:
                 return _s(identifier.get("value"))
     if identifiers:
         return _s(identifiers[0].get("value"))
@@ -222,9 +338,14 @@ class _State:
     code_map: dict[str, str] = field(default_factory=dict)
     snomed_map: dict[str, str] = field(default_factory=dict)
     received_date: str = ""
+    #: an Observation's reference (fullUrl, Observation/<id>) -> (effective, issued) of the report listing it
+    reports: OrderedDict[str, tuple[str, str]] = field(default_factory=OrderedDict)
+    #: fullUrl / Medication/<id> -> a CodeableConcept of the Medication's codes and ingredient codes
+    medications: OrderedDict[str, dict] = field(default_factory=OrderedDict)
+    remembered: int | None = None   # NDJSON: how many of each to keep (None: a Bundle keeps all)
 
     @classmethod
-    def of(cls, ctx: ReadContext) -> _State:
+    def of(cls, ctx: ReadContext, remembered: int | None = None) -> _State:
         ingest = ctx.settings.ingest
         snomed = getattr(ingest, "snomed_map", None)
         received = ctx.received_at
@@ -232,10 +353,19 @@ class _State:
             received = received.replace(tzinfo=UTC)     # the pipeline stamps arrivals in naive UTC
         return cls(ctx, code_map=dict(ingest.code_map),
                    snomed_map=dict(DEFAULT_SNOMED_MAP if snomed is None else snomed),
-                   received_date=received.astimezone(ctx.settings.tz).date().isoformat())
+                   received_date=received.astimezone(ctx.settings.tz).date().isoformat(),
+                   remembered=remembered)
+
+    def remember(self, table: OrderedDict, key: str, value) -> None:
+        """Keep the first value a key is given; forget the oldest keys beyond `remembered`."""
+        if not key or key in table:
+            return
+        table[key] = value
+        if self.remembered is not None and len(table) > self.remembered:
+            table.popitem(last=False)
 
 
-def _patient_events(resource: dict, state: _State) -> list[_Out]:
+def _patient_events(resource: dict, state: _State, where: _Where) -> list[_Out]:
     mrn = patient_id_of(resource)
     if not mrn:
         return [_Out("bad", ("Patient without an identifier or id",))]
@@ -249,10 +379,24 @@ def _patient_events(resource: dict, state: _State) -> list[_Out]:
     birth = _s(resource.get("birthDate"))
     if birth:
         out.append(_Out("events", (mrn, "birth_date", occurred, birth, "")))
-    sex = SEX_OF_GENDER.get(_s(resource.get("gender")).lower())
+    sex = _sex_of(resource)
     if sex:
         out.append(_Out("events", (mrn, "sex", occurred, sex, "")))
     return out
+
+
+def _sex_of(resource: dict) -> str:
+    """F / M from `gender`; when the Patient has no `gender`, from a sex extension; else ""."""
+    gender = _s(resource.get("gender")).lower()
+    if gender:
+        return SEX_OF_GENDER.get(gender, "")     # other / unknown: no sex (BRIEF interface 2)
+    for extension in _l(resource.get("extension")):
+        codes = SEX_EXTENSIONS.get(_s(_d(extension).get("url")))
+        if codes:
+            sex = codes.get(_s(_d(extension.get("valueCoding")).get("code")) or _s(extension.get("valueCode")), "")
+            if sex:
+                return sex
+    return ""
 
 
 def _number_text(value) -> str:
@@ -260,12 +404,52 @@ def _number_text(value) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _observation(resource: dict, state: _State) -> list[_Out]:
+def _lab_code(codings: list[tuple[str, str]], state: _State) -> str:
+    """The code a lab row carries (BRIEF interface 1): a LOINC coding (one bonewatch monitors or
+    maps first), else the first coding whose code is in the hospital's map, else the first code."""
+    loinc = [c for s, c in codings if s in LOINC_SYSTEMS and c]
+    for code in loinc:
+        if code in _KNOWN_LOINC or code in state.code_map:
+            return code
+    if loinc:
+        return loinc[0]
+    return (next((c for _, c in codings if c and c in state.code_map), "")
+            or next((c for _, c in codings if c), ""))
+
+
+def _result_id(resource: dict, where: _Where) -> str:
+    """The lab's id of a result: the resource id (qualified by its container's when contained: a
+    contained id is only unique within its container), else the first identifier's value, else ""."""
+    rid = _s(resource.get("id"))
+    if where.container is not None:
+        rid = f"{where.container_key}#{rid}" if rid and where.container_key else ""
+    if rid:
+        return rid
+    for identifier in _l(resource.get("identifier")):
+        value = _s(_d(identifier).get("value"))
+        if value:
+            return value
+    return ""
+
+
+def _fallback_time(report: tuple[str, str] | None, issued: str) -> tuple[str, str]:
+    """(collected_at, basis) of an Observation without effective[x]: the report's effective time,
+    else the Observation's `issued`, else the report's `issued` (SPEC 2.3)."""
+    if report is not None and report[0]:
+        return report[0], BASIS_REPORT
+    if issued:
+        return issued, BASIS_ISSUED
+    if report is not None and report[1]:
+        return report[1], BASIS_ISSUED
+    return "", ""
+
+
+def _observation(resource: dict, state: _State, where: _Where) -> list[_Out]:
     code = resource.get("code")
     codings = _codings(code)
-    subject = _subject_of(resource)
+    subject = _subject_of(resource, where)
     status = _s(resource.get("status"))
-    event_type = _code_in(code, EVENT_SYSTEM)
+    event_type = next((c for s, c in codings if s == EVENT_SYSTEM and c), "")
     if event_type:
         if status.lower() in ("entered-in-error", "cancelled"):
             return [_Out("bad", (f"observation {status.lower()}",))]
@@ -276,32 +460,43 @@ def _observation(resource: dict, state: _State) -> list[_Out]:
                  or _number_text(quantity.get("value")) or _number_text(resource.get("valueInteger"))
                  or _s(resource.get("valueDateTime"))
                  or ({True: "true", False: "false"}.get(boolean, "") if isinstance(boolean, bool) else ""))
-        occurred = (_s(resource.get("effectiveDateTime")) or _s(_d(resource.get("effectivePeriod")).get("start"))
-                    or _s(resource.get("effectiveInstant")) or _s(resource.get("issued")))
+        occurred = _effective(resource) or _s(resource.get("issued"))
         return [_Out("events", (event_type, occurred, value, _note(resource)), subject)]
-    lab_code = next((c for s, c in codings if s == LOINC_SYSTEM and c in _KNOWN_LOINC), "")
-    lab_code = (lab_code or next((c for s, c in codings if s == LOINC_SYSTEM and c), "")
-                or next((c for _, c in codings if c in state.code_map), "")
-                or _code_in(code, LOCAL_LAB_SYSTEM))
+    lab_code = _lab_code(codings, state)
     if not lab_code:
-        return [_Out("bad", (f"unknown observation code {_quoted(_first_code(code))}",))]
-    result_id = _s(resource.get("id"))
-    if not result_id:
-        identifiers = _l(resource.get("identifier"))
-        result_id = _s(_d(identifiers[0]).get("value")) if identifiers else ""
-    if not result_id:
-        return [_Out("bad", ("Observation without id",))]
+        text = _s(_d(code).get("text"))
+        return [_Out("bad", ("Observation code without a coding (text only)" if text else "Observation without a code",))]
+    # Not monitored codes (a CBC, a panel, a blood pressure with only components) are rows all the
+    # same: `feeds.parse_labs` counts them and skips them before it asks for a value or a unit.
     quantity = _d(resource.get("valueQuantity"))
     if quantity:
         number = _number_text(quantity.get("value"))
         value = (_s(quantity.get("comparator")) + number) if number else ""
-        unit = _s(quantity.get("code")) or _s(quantity.get("unit"))
+        unit = _quantity_unit(quantity)
     else:
         value = _s(resource.get("valueString")) or _number_text(resource.get("valueInteger"))
         unit = ""
-    collected = (_s(resource.get("effectiveDateTime")) or _s(_d(resource.get("effectivePeriod")).get("start"))
-                 or _s(resource.get("effectiveInstant")) or _s(resource.get("issued")))
-    return [_Out("labs", (result_id, lab_code, value, unit, collected, status), subject)]
+    row = (_result_id(resource, where), lab_code, value, unit)
+    collected = _effective(resource)
+    if collected:
+        return [_Out("labs", (*row, collected, status, ""), subject)]
+    issued = _s(resource.get("issued"))
+    if where.container is not None:
+        collected, basis = _fallback_time(where.report, issued)
+        return [_Out("labs", (*row, collected, status, basis), subject)]
+    rid = _s(resource.get("id"))
+    keys = tuple(k for k in dict.fromkeys((where.full_url, f"Observation/{rid}" if rid else "",
+                                           _typed_key(where.full_url, "Observation"))) if k)
+    return [_Out("labs", (*row, "", status, ""), subject, pending=(keys, issued))]
+
+
+def _timed(out: _Out, state: _State) -> _Out:
+    """A lab row waiting for its DiagnosticReport's time, given the time (or its fallback)."""
+    keys, issued = out.pending
+    report = next((state.reports[k] for k in keys if k in state.reports), None)
+    collected, basis = _fallback_time(report, issued)
+    result_id, code, value, unit, _, status, _ = out.fields
+    return _Out("labs", (result_id, code, value, unit, collected, status, basis), out.subject)
 
 
 def _mg_text(value: str, unit: str) -> str:
@@ -313,14 +508,35 @@ def _mg_text(value: str, unit: str) -> str:
         return value
 
 
-def _medication(resource: dict, state: _State) -> list[_Out]:
+def _medication_concept(medication: dict) -> dict:
+    """A Medication's codes as one CodeableConcept: its `code`, then its ingredients' codes (a
+    product coded as a clinical drug names its active ingredient there)."""
+    code = _d(medication.get("code"))
+    codings = [c for c in _l(code.get("coding")) if isinstance(c, dict)]
+    for ingredient in _l(medication.get("ingredient")):
+        codings += [c for c in _l(_d(_d(ingredient).get("itemCodeableConcept")).get("coding")) if isinstance(c, dict)]
+    return {"coding": codings, "text": _s(code.get("text"))}
+
+
+def _medication(resource: dict, state: _State, where: _Where) -> list[_Out]:
     status = _s(resource.get("status")).lower()
     if status == "not-done":
         return [_Out("bad", ("administration not done",))]
     if status == "entered-in-error":
         return [_Out("bad", ("administration entered in error",))]
     concept = resource.get("medicationCodeableConcept")
-    code = _code_in(concept, RXNORM_SYSTEM)
+    reference = _s(_d(resource.get("medicationReference")).get("reference"))
+    if not _codings(concept) and reference:
+        if reference.startswith("#"):
+            target = where.contained.get(reference)
+            concept = (_medication_concept(target) if isinstance(target, dict)
+                       and target.get("resourceType") == "Medication" else None)
+        else:
+            concept = state.medications.get(reference) or state.medications.get(_typed_key(reference, "Medication"))
+        if concept is None:
+            return [_Out("bad", ("medication reference not found in this file",))]
+    rxnorm = [c for s, c in _codings(concept) if s in RXNORM_SYSTEMS and c]
+    code = next((c for c in rxnorm if c in RXNORM_EVENTS), rxnorm[0] if rxnorm else "")
     if code not in RXNORM_EVENTS:
         shown = code or _first_code(concept)
         if not shown:
@@ -330,10 +546,10 @@ def _medication(resource: dict, state: _State) -> list[_Out]:
     occurred = _s(resource.get("effectiveDateTime")) or _s(_d(resource.get("effectivePeriod")).get("start"))
     if event_type == "bisphosphonate_dose":
         dose = _d(_d(resource.get("dosage")).get("dose"))
-        detail = _mg_text(_number_text(dose.get("value")), _s(dose.get("code")) or _s(dose.get("unit")))
+        detail = _mg_text(_number_text(dose.get("value")), _quantity_unit(dose))
     else:
         detail = "administration"
-    return [_Out("events", (event_type, occurred, value, detail), _subject_of(resource))]
+    return [_Out("events", (event_type, occurred, value, detail), _subject_of(resource, where))]
 
 
 def _icd_diagnosis(code: str) -> str:
@@ -347,13 +563,13 @@ def _icd_diagnosis(code: str) -> str:
     return ""
 
 
-def _condition(resource: dict, state: _State) -> list[_Out]:
+def _condition(resource: dict, state: _State, where: _Where) -> list[_Out]:
     verification = {c.lower() for _, c in _codings(resource.get("verificationStatus"))}
     for status in ("entered-in-error", "refuted"):
         if status in verification:
             return [_Out("bad", (f"condition {status}",))]
     code = resource.get("code")
-    icd = _code_in(code, ICD10CM_SYSTEM)
+    icd = next((c for s, c in _codings(code) if s in ICD10CM_SYSTEMS and c), "")
     value = _code_in(code, DIAGNOSIS_SYSTEM) or (_icd_diagnosis(icd) if icd else "")
     if not value:
         shown = icd or _first_code(code)
@@ -362,10 +578,10 @@ def _condition(resource: dict, state: _State) -> list[_Out]:
         return [_Out("bad", (f"unknown diagnosis code {_quoted(shown)}",))]
     occurred = _s(resource.get("onsetDateTime")) or _s(resource.get("recordedDate"))
     detail = icd or _note(resource)
-    return [_Out("events", ("diagnosis", occurred, value, detail), _subject_of(resource))]
+    return [_Out("events", ("diagnosis", occurred, value, detail), _subject_of(resource, where))]
 
 
-def _procedure(resource: dict, state: _State) -> list[_Out]:
+def _procedure(resource: dict, state: _State, where: _Where) -> list[_Out]:
     status = _s(resource.get("status"))
     if status.lower() == "not-done":
         return [_Out("bad", ("procedure not done",))]
@@ -378,10 +594,11 @@ def _procedure(resource: dict, state: _State) -> list[_Out]:
         shown = _first_code(code)
         return [_Out("bad", (f"unknown procedure code {_quoted(shown)}" if shown else "Procedure without a code",))]
     occurred = _s(resource.get("performedDateTime")) or _s(_d(resource.get("performedPeriod")).get("start"))
-    return [_Out("events", ("dental_exam", occurred, status, ""), _subject_of(resource))]
+    return [_Out("events", ("dental_exam", occurred, status, ""), _subject_of(resource, where))]
 
 
 _HANDLERS = {
+    "Patient": _patient_events,
     "Observation": _observation,
     "MedicationAdministration": _medication,
     "Condition": _condition,
@@ -398,16 +615,64 @@ def _known_loinc() -> frozenset[str]:
 _KNOWN_LOINC = _known_loinc()
 
 
-def _resource_outputs(resource, state: _State) -> list[_Out]:
+def _resource_outputs(resource, state: _State, where: _Where) -> list[_Out]:
     if not isinstance(resource, dict):
         return [_Out("bad", ("resource is not a JSON object",))]
     resource_type = _s(resource.get("resourceType"))
     if not resource_type:
         return [_Out("bad", ("resource without resourceType",))]
-    if resource_type == "Patient":
-        return _patient_events(resource, state)
     handler = _HANDLERS.get(resource_type)
-    return handler(resource, state) if handler else []   # Encounter, Practitioner, ...: nothing we use
+    # DiagnosticReport (its Observations are read), Encounter, Practitioner, ...: nothing we use
+    return handler(resource, state, where) if handler else []
+
+
+def _where_of(resource: dict, full_url: str) -> _Where:
+    if not full_url and not resource.get("contained"):
+        return _NOWHERE
+    return _Where(full_url, _contained_of(resource))
+
+
+def _contained(resource: dict, full_url: str, where: _Where) -> Iterator[tuple[object, _Where | None]]:
+    """A resource's contained resources in order, each with where it sits when it gives rows (an
+    Observation), None when it does not. An Observation a DiagnosticReport lists (`#id`) carries the
+    report's times."""
+    key = _result_id(resource, _NOWHERE) or full_url
+    listed: set[str] = set()
+    times = None
+    if resource.get("resourceType") == "DiagnosticReport":
+        listed = {_s(_d(r).get("reference")) for r in _l(resource.get("result"))}
+        times = (_effective(resource), _s(resource.get("issued")))
+    for item in _l(resource.get("contained")):
+        if isinstance(item, dict) and item.get("resourceType") == "Observation":
+            listed_here = "#" + _s(item.get("id")) in listed
+            yield item, _Where(full_url, where.contained, resource, key, times if listed_here else None)
+        else:
+            yield item, None
+
+
+def _register(resource, full_url: str, state: _State) -> tuple[str, str] | None:
+    """Remember what other resources of the file refer to: a Patient's MRN, a DiagnosticReport's
+    times for the Observations it lists, a Medication's codes. Return (Patient/<id>, MRN) for a
+    Patient with an id (the `patients` rows)."""
+    if not isinstance(resource, dict):
+        return None
+    resource_type = resource.get("resourceType")
+    if resource_type == "Patient":
+        return _register_patient(resource, full_url, state)
+    if resource_type == "DiagnosticReport":
+        times = (_effective(resource), _s(resource.get("issued")))
+        if any(times):
+            for result in _l(resource.get("result")):
+                reference = _s(_d(result).get("reference"))
+                if reference and not reference.startswith("#"):
+                    state.remember(state.reports, reference, times)
+                    state.remember(state.reports, _typed_key(reference, "Observation"), times)
+    elif resource_type == "Medication":
+        concept = _medication_concept(resource)
+        rid = _s(resource.get("id"))
+        for key in (full_url, f"Medication/{rid}" if rid else "", _typed_key(full_url, "Medication")):
+            state.remember(state.medications, key, concept)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,9 +683,10 @@ def _resource_outputs(resource, state: _State) -> list[_Out]:
 class _Entry:
     index: int
     resource: object = None
-    raw: str = ""
+    raw: object = ""        # what a bad row shows: the line, or the Bundle entry (serialised when needed)
     bad: str = ""           # decided before mapping (not JSON, not UTF-8, entry without resource)
     outputs: list | None = None   # already mapped (NDJSON maps each line as it reads it: no dicts kept)
+    where: _Where = _NOWHERE
 
 
 def _frame(rows: list[tuple[int, tuple[str, ...]]], columns: list[str]) -> pd.DataFrame:
@@ -448,20 +714,32 @@ def _register_patient(resource, full_url: str, state: _State) -> tuple[str, str]
     return (ref, mrn) if ref else None
 
 
+def _by_occurrence(rows: list[tuple[int, tuple[str, ...]]]) -> list[list[tuple[int, tuple[str, ...]]]]:
+    """One frame may not hold two rows of one line (a Patient gives birth_date and sex; an NDJSON
+    report gives the Observations it contains): the k-th row of each line goes into the k-th frame."""
+    seen: Counter[int] = Counter()
+    groups: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+    for index, row in rows:
+        groups.setdefault(seen[index], []).append((index, row))
+        seen[index] += 1
+    return [groups[k] for k in sorted(groups)]
+
+
 def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]]:
     """Map a chunk of entries; resolve subjects (one bulk lookup); yield labs, then events."""
     bad: list[tuple[int, str, str]] = []
     pending: list[tuple[_Entry, _Out]] = []
     for entry in entries:
         if entry.bad:
-            bad.append((entry.index, entry.raw, entry.bad))
+            bad.append((entry.index, _raw(entry.raw), entry.bad))
             continue
-        outputs = entry.outputs if entry.outputs is not None else _resource_outputs(entry.resource, state)
+        outputs = (entry.outputs if entry.outputs is not None
+                   else _resource_outputs(entry.resource, state, entry.where))
         for out in outputs:
             if out.kind == "bad":
                 bad.append((entry.index, _raw(entry.raw or entry.resource), out.fields[0]))
             else:
-                pending.append((entry, out))
+                pending.append((entry, _timed(out, state) if out.pending else out))
     unresolved = set()
     for _, out in pending:
         subject = out.subject
@@ -493,17 +771,8 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
             row = (mrn, *out.fields)
         (labs if out.kind == "labs" else events).append((entry.index, row))
     items: list[tuple[str, Chunk]] = []
-    if labs:
-        items.append(("labs", Chunk(_frame(labs, LAB_COLUMNS))))
-    # One frame may not hold two rows of one line (a Patient gives birth_date and sex): the k-th
-    # event of each line goes into the k-th events chunk.
-    seen: Counter[int] = Counter()
-    groups: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
-    for index, row in events:
-        groups.setdefault(seen[index], []).append((index, row))
-        seen[index] += 1
-    for k in sorted(groups):
-        items.append(("events", Chunk(_frame(groups[k], EVENT_COLUMNS))))
+    items += [("labs", Chunk(_frame(group, FHIR_LAB_COLUMNS))) for group in _by_occurrence(labs)]
+    items += [("events", Chunk(_frame(group, EVENT_COLUMNS))) for group in _by_occurrence(events)]
     if bad:
         bad.sort(key=lambda b: b[0])
         if items:
@@ -525,8 +794,79 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
+def _line_of_text(text: str, pattern: str) -> int:
+    match = re.search(pattern, text)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
+
+
+def _walk(top: dict, is_bundle: bool, state: _State, suspect: bool,
+          patients: list[tuple[int, tuple[str, str]]]) -> list[_Entry]:
+    """The resources of a `*.json` document in depth-first order, numbered as the module docstring
+    says; Patients, reports and Medications are registered on the way (the whole file is known
+    before any row is made, so references resolve whatever their order)."""
+    entries: list[_Entry] = []
+    number = 0
+
+    def visit(resource, full_url: str, raw: object) -> None:
+        nonlocal number
+        if not isinstance(resource, dict):
+            entries.append(_Entry(number, resource, raw))     # "resource is not a JSON object"
+            return
+        where = _where_of(resource, full_url)
+        registered = _register(resource, full_url, state)
+        if registered:
+            patients.append((number, registered))
+        entries.append(_Entry(number, resource, raw, where=where))
+        if resource.get("contained"):
+            for item, inner in _contained(resource, full_url, where):
+                number += 1
+                if inner is not None:
+                    entries.append(_Entry(number, item, item, where=inner))
+
+    if not is_bundle:
+        number = 1
+        if suspect and _lone_surrogate(top):
+            return [_Entry(number, raw=json.dumps(top)[:_RAW_MAX], bad=_LONE_SURROGATE)]   # ASCII escapes
+        visit(top, "", top)
+        return entries
+    # an explicit stack of entry iterators: a Bundle may nest Bundles as deeply as JSON allows
+    stack: list[Iterator] = [iter(_l(top.get("entry")))]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+            continue
+        number += 1
+        resource = item.get("resource") if isinstance(item, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+            inner = resource.get("entry")
+            if inner is None or isinstance(inner, list):
+                stack.append(iter(inner or []))
+            else:
+                entries.append(_Entry(number, raw=_raw(item), bad="Bundle.entry is not a list"))
+            continue
+        if suspect and _lone_surrogate(item):
+            entries.append(_Entry(number, raw=json.dumps(item)[:_RAW_MAX], bad=_LONE_SURROGATE))   # ASCII escapes
+            continue
+        if not isinstance(item, dict):
+            entries.append(_Entry(number, raw=item, bad="entry is not a JSON object"))
+            continue
+        if resource is None:
+            if "response" in item and "request" not in item:
+                continue        # a batch / transaction response without a body: no data to read
+            entries.append(_Entry(number, raw=item, bad="entry without resource"))
+            continue
+        visit(resource, _s(item.get("fullUrl")), item)
+    return entries
+
+
+_END = object()
+
+
 def read_bundle(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
-    """A FHIR R4 Bundle (loaded whole: one document). Rows are indexed by 1-based entry number."""
+    """A `*.json` document: a FHIR R4 Bundle of any type (nested Bundles read recursively) or one
+    bare resource (read as a Bundle of one), loaded whole. Rows are indexed as the module docstring
+    says. A file of one resource a line (NDJSON under a `.json` name) is read as NDJSON."""
     data = Path(path).read_bytes()
     if not data.strip():
         raise SourceUnreadable(path, 1, "the file is empty")
@@ -535,43 +875,28 @@ def read_bundle(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
     except UnicodeDecodeError as exc:
         raise SourceUnreadable(path, _line_of(data, exc.start), "not UTF-8 text") from None
     try:
-        bundle = _loads(text)
+        top = _loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _ndjson_head(text):
+            yield from read_ndjson(path, ctx)
+            return
         raise SourceUnreadable(path, exc.lineno, f"not valid JSON: {exc.msg}") from None
     except (ValueError, RecursionError):
         raise SourceUnreadable(path, 1, "not valid JSON (nested too deeply or a number too long)") from None
-    resource_type = _s(bundle.get("resourceType")) if isinstance(bundle, dict) else ""
-    if resource_type != "Bundle":
-        match = re.search(r'"resourceType"', text)
-        line = text.count("\n", 0, match.start()) + 1 if match else 1
-        what = f"resourceType {_quoted(resource_type)}" if resource_type else "no resourceType"
-        raise SourceUnreadable(path, line, f"not a FHIR Bundle ({what})")
-    raw_entries = bundle.get("entry")
-    if raw_entries is None:
-        raw_entries = []
-    if not isinstance(raw_entries, list):
-        match = re.search(r'"entry"', text)
-        raise SourceUnreadable(path, text.count("\n", 0, match.start()) + 1 if match else 1,
-                               "Bundle.entry is not a list")
+    resource_type = _s(top.get("resourceType")) if isinstance(top, dict) else ""
+    if not resource_type:
+        what = "a JSON array" if isinstance(top, list) else "no resourceType"
+        raise SourceUnreadable(path, 1, f"not a FHIR Bundle or resource ({what})")
+    if resource_type == "OperationOutcome":
+        # what a server sends instead of data when a search or an export failed
+        raise SourceUnreadable(path, _line_of_text(text, r'"resourceType"'),
+                               "an OperationOutcome (a server's error report), not data")
+    is_bundle = resource_type == "Bundle"
+    if is_bundle and top.get("entry") is not None and not isinstance(top.get("entry"), list):
+        raise SourceUnreadable(path, _line_of_text(text, r'"entry"'), "Bundle.entry is not a list")
     state = _State.of(ctx)
-    entries: list[_Entry] = []
     patients: list[tuple[int, tuple[str, str]]] = []
-    suspect = _SURROGATE_ESCAPE.search(text) is not None
-    for number, item in enumerate(raw_entries, start=1):
-        if suspect and _lone_surrogate(item):
-            entries.append(_Entry(number, raw=json.dumps(item)[:_RAW_MAX], bad=_LONE_SURROGATE))   # ASCII escapes
-            continue
-        if not isinstance(item, dict):
-            entries.append(_Entry(number, raw=_raw(item), bad="entry is not a JSON object"))
-            continue
-        resource = item.get("resource")
-        if resource is None:
-            entries.append(_Entry(number, raw=_raw(item), bad="entry without resource"))
-            continue
-        registered = _register_patient(resource, _s(item.get("fullUrl")), state)
-        if registered:
-            patients.append((number, registered))
-        entries.append(_Entry(number, resource, _raw(item)))
+    entries = _walk(top, is_bundle, state, _SURROGATE_ESCAPE.search(text) is not None, patients)
     size = _chunk_size(ctx)
     for start in range(0, len(patients), size):
         yield from _patients_item(patients[start:start + size])
@@ -579,10 +904,35 @@ def read_bundle(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
         yield from _convert(entries[start:start + size], state)
 
 
+def _ndjson_head(text: str) -> bool:
+    """Does a text start with one FHIR resource on its first line (NDJSON)?"""
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        resource = _loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(resource, dict) and bool(_s(resource.get("resourceType")))
+
+
+def _line_outputs(resource: dict, state: _State) -> list[_Out]:
+    """One NDJSON resource's rows: its own, then those of the Observations it contains."""
+    if not isinstance(resource, dict):
+        return _resource_outputs(resource, state, _NOWHERE)
+    if resource.get("resourceType") == "Bundle":
+        return [_Out("bad", ("a Bundle on an NDJSON line (one resource a line; send a Bundle as a .json file)",))]
+    where = _where_of(resource, "")
+    outputs = _resource_outputs(resource, state, where)
+    if resource.get("contained"):
+        for item, inner in _contained(resource, "", where):
+            if inner is not None:
+                outputs += _resource_outputs(item, state, inner)
+    return outputs
+
+
 def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
     """Bulk-export NDJSON, streamed: about `ctx.chunk_rows` resources a chunk, indexed by line number.
     Patients of each chunk are yielded first; blank lines are skipped."""
-    state = _State.of(ctx)
+    state = _State.of(ctx, remembered=_REMEMBERED)
     size = _chunk_size(ctx)
     entries: list[_Entry] = []
     patients: list[tuple[int, tuple[str, str]]] = []
@@ -616,13 +966,12 @@ def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
                     if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(resource):
                         entries.append(_Entry(number, raw=text[:_RAW_MAX], bad=_LONE_SURROGATE))
                         resource = None             # nothing of it is read
-                    registered = _register_patient(resource, "", state)
+                    registered = _register(resource, "", state)
                     if registered:
                         patients.append((number, registered))
                     # map now and keep the small output rows, not the resource's dict (the heavy part)
                     if resource is not None:
-                        entries.append(_Entry(number, None, text[:_RAW_MAX],
-                                              outputs=list(_resource_outputs(resource, state))))
+                        entries.append(_Entry(number, None, text[:_RAW_MAX], outputs=_line_outputs(resource, state)))
             if len(entries) >= size:
                 yield from flush()
                 entries, patients = [], []

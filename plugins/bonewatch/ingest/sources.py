@@ -2,9 +2,11 @@
 
 Every reader turns its format into the same thing: `(kind, Chunk)` items, where `kind` says which
 canonical parser takes the chunk and `Chunk.frame` holds raw strings in that parser's columns,
-indexed by the row's place in the file (a line number; for a FHIR Bundle, the entry number):
+indexed by the row's place in the file (a line number; for a FHIR `.json`, the resource's ordinal in
+a depth-first walk of the document, see `fhir`):
 
 - `"labs"`: `feeds.LAB_COLUMNS` (patient_id, result_id, loinc, value, unit, collected_at, status);
+  a FHIR lab frame has an 8th column, `collected_basis` (where `collected_at` came from, see `fhir`);
 - `"events"`: `feeds.EVENT_COLUMNS` (patient_id, event_type, occurred_at, value, detail);
 - `"patients"`: `PATIENT_COLUMNS` (ref, patient_id): FHIR Patient references seen in the file
   (`Patient/<id>`), kept so that later deliveries can resolve a `subject` to the MRN.
@@ -42,7 +44,7 @@ FEED_OF_FORMAT = {
 #: the ledger's short format name
 FMT_OF_FORMAT = {"labs_csv": "csv", "events_csv": "csv", "hl7": "hl7", "fhir_bundle": "json",
                  "fhir_ndjson": "ndjson"}
-SUFFIXES = ".csv, .events.csv, .hl7, .json (FHIR Bundle) or .ndjson (FHIR bulk export)"
+SUFFIXES = ".csv, .events.csv, .hl7, .json (FHIR Bundle or resource) or .ndjson (FHIR bulk export)"
 
 
 def _no_refs(refs: Collection[str]) -> dict[str, str]:
