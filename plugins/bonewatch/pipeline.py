@@ -206,6 +206,8 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
             rows, rejected, skipped = _parse_chunk(settings, kind, chunk, delivery_id, received_at)
             if skipped is not None and len(skipped):
                 codes.append(skipped)
+            if kind == "codes":
+                continue
             if kind in ("labs", "events") and len(rows):
                 validation = suites.validate(kind, rows, plausible)
                 passed += validation.passed
@@ -287,6 +289,10 @@ def _parse_chunk(settings: Settings, kind: str, chunk, delivery_id: str, receive
     elif kind == "events":
         parsed = feeds.parse_events(chunk.frame, settings, delivery_id, received_at)
         rows, rejected = parsed.rows, parsed.rejected
+    elif kind == "codes":     # resources of a kind bonewatch reads, with codes it does not follow
+        rows, rejected = pd.DataFrame(), pd.DataFrame(columns=["line", "raw", "reason"])
+        codes = (chunk.frame.groupby("code").size().rename("rows").reset_index()
+                 .assign(kind="not_monitored", first_collected=pd.NaT, last_collected=pd.NaT))
     elif kind == "patients":
         frame = chunk.frame
         reasons = pd.Series("", index=frame.index, dtype=object)

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from bonewatch import pipeline
 from bonewatch.config import load_settings
+from bonewatch.ingest.codes import RESOURCE_PREFIXES
 from bonewatch.store import db
 from bonewatch.store.tables import (
     clinical_events,
@@ -51,15 +52,25 @@ def data_folder() -> Path:
 # what the store holds for one delivery
 
 
-def code_counts(conn, delivery_id: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(not monitored, unmapped local) result counts per code of this delivery (`delivery_codes`)."""
+def code_counts(conn, delivery_id: str) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(not monitored, unmapped local, not used) counts per code of this delivery (`delivery_codes`);
+    "not used": Conditions, Procedures and administrations of codes bonewatch does not follow,
+    stored as `<Resource>:<code>`."""
     not_monitored: dict[str, int] = {}
     unmapped: dict[str, int] = {}
+    not_used: dict[str, int] = {}
     c = delivery_codes.c
     for code, kind, n in conn.execute(select(c.code, c.kind, c.rows).where(c.delivery_id == delivery_id)):
-        target = not_monitored if kind == "not_monitored" else unmapped
+        target = not_used if code.startswith(RESOURCE_PREFIXES) else not_monitored if kind == "not_monitored" \
+            else unmapped
         target[code] = target.get(code, 0) + int(n)
-    return not_monitored, unmapped
+    return not_monitored, unmapped, not_used
+
+
+def _resource_code(label: str) -> str:
+    """expected.json's "Condition sct 410429000" -> the stored "Condition:410429000"."""
+    kind, _, code = label.split(" ", 2)
+    return f"{'Medication' if kind.startswith('Medication') else kind}:{code}"
 
 
 def stored_events(conn, delivery_id: str) -> set[tuple[str, str, str]]:
@@ -215,15 +226,14 @@ def test_quarantined_rows_and_reasons(loaded, request):
 @each_file
 def test_not_monitored_and_unmapped_codes_are_counted(loaded, request):
     expected = FILES[request.node.callspec.params["loaded"]]
-    want = (expected["not_monitored"], expected["unmapped_local"])
-    if want != ({}, {}):
-        assert loaded.counts is not None, "the store keeps no per-code counts yet (SPEC 2.5; see code_counts)"
-    assert (loaded.counts or ({}, {})) == want
+    not_used = {_resource_code(label): n for label, n in expected.get("not_used", {}).items()
+                 if label.split(" ", 1)[0] in ("Condition", "Procedure", "MedicationAdministration")}
+    assert loaded.counts == (expected["not_monitored"], expected["unmapped_local"], not_used)
 
 
 @each_file
 def test_file_is_not_silently_dropped(loaded):
-    not_monitored, unmapped = loaded.counts or ({}, {})
+    not_monitored, unmapped, not_used = loaded.counts
     outcome = (len(loaded.labs) + len(loaded.events) + len(loaded.refs) + sum(not_monitored.values())
-               + sum(unmapped.values()) + len(loaded.quarantined))
+               + sum(unmapped.values()) + sum(not_used.values()) + len(loaded.quarantined))
     assert outcome > 0, "nothing stored, counted or quarantined: the file vanished without a word"

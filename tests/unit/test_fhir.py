@@ -91,7 +91,7 @@ def items_of(reader, path, ctx):
     items = list(reader(path, ctx))
     for kind, chunk in items:
         assert list(chunk.frame.columns) == {"labs": fhir.FHIR_LAB_COLUMNS, "events": feeds.EVENT_COLUMNS,
-                                             "patients": sources.PATIENT_COLUMNS}[kind]
+                                             "patients": sources.PATIENT_COLUMNS, "codes": ["code"]}[kind]
         assert chunk.frame.index.is_unique and chunk.frame.index.name == "line"
         assert all(isinstance(v, str) for v in chunk.frame.to_numpy().ravel())
     return items
@@ -108,6 +108,11 @@ def rows(items, kind):
 
 def bad(items):
     return sorted(b for _, chunk in items for b in chunk.bad_rows)
+
+
+def skipped_codes(items) -> list[str]:
+    """Codes of Conditions, Procedures and administrations bonewatch does not follow: counted, not bad."""
+    return sorted(code for kind, chunk in items if kind == "codes" for code in chunk.frame["code"])
 
 
 def reasons(items):
@@ -434,8 +439,9 @@ def test_medications_conditions_procedures(tmp_path, settings):
     assert events[12] == ("diagnosis", "2024-01-01", "SMM", "D47.2")           # urn:bonewatch:diagnosis wins
     assert events[13] == ("dental_exam", "2024-01-10T10:00:00+00:00", "completed", "")
     assert events[14] == ("dental_exam", "2024-01-10T10:00:00+00:00", "in-progress", "")
-    assert reasons(items) == {6: "administration not done", 7: "unknown medication code '12345'",
-                              11: "unknown diagnosis code 'I10'", 15: "unknown procedure code '80146002'"}
+    assert reasons(items) == {6: "administration not done"}
+    # SPEC 2.5: a diagnosis, drug or procedure bonewatch does not follow is counted, not quarantined
+    assert skipped_codes(items) == ["Condition:I10", "Medication:12345", "Procedure:80146002"]
     assert not any(k in (16, 17) for k in events)                            # ignored resource types
 
 
@@ -496,8 +502,8 @@ def test_bad_bundle_entries_are_quarantined_and_the_rest_kept(tmp_path, settings
     assert [(r[0], r[1], r[2]) for r in rows(items, "labs")] == [(5, "MRN-SECRET", "RID-1"), (10, "MRN-SECRET", "o3")]
     assert [r[:3] for r in rows(items, "events")] == [(1, "MRN-SECRET", "birth_date")]
     assert reasons(items) == {2: "entry is not a JSON object", 3: "entry without resource",
-                              4: "resource without resourceType", 6: "unknown medication code '1191'",
-                              7: "unknown diagnosis code 'I10'", 8: fhir._NOT_FOUND}
+                              4: "resource without resourceType", 8: fhir._NOT_FOUND}
+    assert skipped_codes(items) == ["Condition:I10", "Medication:1191"]
     assert all("MRN-SECRET" not in reason for reason in reasons(items).values())
 
 

@@ -16,6 +16,9 @@ from sqlalchemy import Connection, func, select
 from bonewatch.config import Settings
 from bonewatch.store.tables import deliveries, delivery_codes
 
+#: codes of resources other than results (FHIR Condition, Procedure, MedicationAdministration) that
+#: bonewatch does not follow: stored as "<kind>:<code>", never mapped by the lab code map
+RESOURCE_PREFIXES = ("Condition:", "Procedure:", "Medication:")
 COLUMNS = ["code", "status", "analyte", "rows", "feeds", "first_seen", "last_seen", "first_collected",
            "last_collected"]
 #: the order the list is shown in: what needs the data team first
@@ -46,6 +49,7 @@ def load(conn: Connection, settings: Settings, *, everything: bool = False) -> p
               .reset_index())
     analyte, kind = code_kinds(merged["code"].astype("string"), settings)
     merged["status"] = kind.where(kind != "", "mapped").to_numpy()
+    merged.loc[merged["code"].str.startswith(RESOURCE_PREFIXES), "status"] = "not_monitored"
     merged["analyte"] = analyte.fillna("").to_numpy()
     merged["rows"] = merged["rows"].astype("int64")
     for column in ("first_seen", "last_seen"):

@@ -209,7 +209,7 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
         "delivery_id": delivery_id,
         "source_line": frame.index.astype("int64"),
     }, index=frame.index)
-    reasons = first_reason(r_ids, r_code, r_value, r_unit, r_date, r_status)
+    reasons = first_reason(r_code, r_ids, r_value, r_unit, r_date, r_status)
     good, rejected = _split(frame, reasons, LAB_COLUMNS)
     rows = canonical.loc[good.index]
     rows["status_rank"] = rows["status_rank"].astype("int64")

@@ -263,7 +263,7 @@ class _Subject:
 
 @dataclass
 class _Out:
-    kind: str                      # "labs" | "events" | "bad"
+    kind: str                      # "labs" | "events" | "bad" | "codes" (counted per code, not read)
     fields: tuple[str, ...] = ()   # the row without patient_id (or (reason,) for "bad")
     subject: _Subject | None = None  # None: fields already hold the patient_id first
     #: a lab row whose time comes from a DiagnosticReport of the file: (the Observation's keys, its
@@ -541,7 +541,7 @@ def _medication(resource: dict, state: _State, where: _Where) -> list[_Out]:
         shown = code or _first_code(concept)
         if not shown:
             return [_Out("bad", ("administration without a medication code",))]
-        return [_Out("bad", (f"unknown medication code {_quoted(shown)}",))]
+        return [_not_monitored("Medication", shown)]
     event_type, value = RXNORM_EVENTS[code]
     occurred = _s(resource.get("effectiveDateTime")) or _s(_d(resource.get("effectivePeriod")).get("start"))
     if event_type == "bisphosphonate_dose":
@@ -550,6 +550,13 @@ def _medication(resource: dict, state: _State, where: _Where) -> list[_Out]:
     else:
         detail = "administration"
     return [_Out("events", (event_type, occurred, value, detail), _subject_of(resource, where))]
+
+
+def _not_monitored(kind: str, code: str) -> _Out:
+    """A diagnosis, procedure or drug bonewatch does not follow (a SNOMED burn, a vancomycin
+    infusion): not a bad row (SPEC 2.5), counted per code for the data team (`bonewatch codes --all`)
+    so that a myeloma diagnosis or a bisphosphonate sent under another code is seen, not lost."""
+    return _Out("codes", (f"{kind}:{code}"[:32],))
 
 
 def _icd_diagnosis(code: str) -> str:
@@ -575,7 +582,7 @@ def _condition(resource: dict, state: _State, where: _Where) -> list[_Out]:
         shown = icd or _first_code(code)
         if not shown:
             return [_Out("bad", ("Condition without a code",))]
-        return [_Out("bad", (f"unknown diagnosis code {_quoted(shown)}",))]
+        return [_not_monitored("Condition", shown)]
     occurred = _s(resource.get("onsetDateTime")) or _s(resource.get("recordedDate"))
     detail = icd or _note(resource)
     return [_Out("events", ("diagnosis", occurred, value, detail), _subject_of(resource, where))]
@@ -592,7 +599,7 @@ def _procedure(resource: dict, state: _State, where: _Where) -> list[_Out]:
         system == SNOMED_SYSTEM and state.snomed_map.get(c) == "dental_exam" for system, c in _codings(code))
     if not dental:
         shown = _first_code(code)
-        return [_Out("bad", (f"unknown procedure code {_quoted(shown)}" if shown else "Procedure without a code",))]
+        return [_not_monitored("Procedure", shown) if shown else _Out("bad", ("Procedure without a code",))]
     occurred = _s(resource.get("performedDateTime")) or _s(_d(resource.get("performedPeriod")).get("start"))
     return [_Out("events", ("dental_exam", occurred, status, ""), _subject_of(resource, where))]
 
@@ -729,6 +736,7 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
     """Map a chunk of entries; resolve subjects (one bulk lookup); yield labs, then events."""
     bad: list[tuple[int, str, str]] = []
     pending: list[tuple[_Entry, _Out]] = []
+    skipped: list[str] = []
     for entry in entries:
         if entry.bad:
             bad.append((entry.index, _raw(entry.raw), entry.bad))
@@ -738,6 +746,8 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
         for out in outputs:
             if out.kind == "bad":
                 bad.append((entry.index, _raw(entry.raw or entry.resource), out.fields[0]))
+            elif out.kind == "codes":
+                skipped.append(out.fields[0])
             else:
                 pending.append((entry, _timed(out, state) if out.pending else out))
     unresolved = set()
@@ -779,6 +789,9 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
             items[0][1].bad_rows.extend(bad)
         else:
             items.append(("events", Chunk(_frame([], EVENT_COLUMNS), bad)))
+    if skipped:
+        # counted per code, not stored: one row a resource, indexed by its place in the chunk
+        items.append(("codes", Chunk(pd.DataFrame({"code": skipped}, index=pd.RangeIndex(len(skipped), name="line")))))
     yield from items
 
 

@@ -87,6 +87,7 @@ from bonewatch.errors import SourceUnreadable
 from bonewatch.ingest.feeds import EVENT_COLUMNS, LAB_COLUMNS
 from bonewatch.ingest.parsing import STATUS_MAP
 from bonewatch.ingest.reader import Chunk
+from bonewatch.units import LOINC
 
 if TYPE_CHECKING:
     from bonewatch.ingest.sources import ReadContext
@@ -551,14 +552,17 @@ def _message_rows(group: list[tuple[int, str]], code_map: Mapping[str, str], rec
                 reason = f"OBX before the PID segment of the message at line {msh_line}"
             elif patient == "":
                 reason = "PID-3 (patient id) is empty"
-            elif not in_order:
-                reason = "OBX without an OBR before it"
             else:
                 reason = ""
             if reason:
                 out.bad.append((line, text, reason))
                 continue
             code = observation_code(fields.components(segment, 3), code_map)
+            if not in_order and LOINC.get(code_map.get(code, code)) is not None:
+                # without an order a result has no identity; one of an analyte bonewatch does not
+                # monitor goes on with none and is counted as such (SPEC 2.5), never quarantined
+                out.bad.append((line, text, "OBX without an OBR before it"))
+                continue
             sub_id = fields.get(segment, 4, 1, 1)
             key = (order, service, code, sub_id)
             occurrences[key] += 1
@@ -567,7 +571,8 @@ def _message_rows(group: list[tuple[int, str]], code_map: Mapping[str, str], rec
             status = fields.get(segment, 11, 1, 1)
             status = STATUS_OF_HL7.get(status.upper(), status)
             collected = fields.get(segment, 14, 1, 1) or observed_at
-            out.rows.append((line, (patient, result_identity(*key, occurrences[key]), code, value,
+            identity = result_identity(*key, occurrences[key]) if in_order else ""
+            out.rows.append((line, (patient, identity, code, value,
                                     fields.get(segment, 6, 1, 1), hl7_timestamp(collected), status)))
     if demographics:
         recorded = _valid_timestamp(fields.get(msh, 7, 1, 1)) or first_observed or received_date
