@@ -157,3 +157,43 @@ def test_a_fhir_history_in_one_go_gives_the_alerts_of_its_nights(cohorts, monkey
     one_go = run_in_one_go(folder, _settings(monkeypatch, f"sqlite:///{tmp_path / 'one_go.db'}"))
     assert {(p, r, d) for p, r, d, _, _ in night_by_night} == planted(cohorts / "csv")
     assert [a[:4] for a in one_go] == [a[:4] for a in night_by_night], "evidence included"
+
+
+def test_a_result_timed_by_its_report_says_so_in_the_alert(engine, settings, tmp_path):
+    """A creatinine inside a DiagnosticReport without effective[x] of its own (as many servers
+    send them) is stored at the report's time, and the RENAL_HOLD it raises says whose time it is."""
+    subject = {"reference": "urn:uuid:p1"}
+
+    def creatinine(rid: str, value: float, **timing) -> dict:
+        return {"resourceType": "Observation", "id": rid, "status": "final", "subject": subject,
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+                "valueQuantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
+                                  "code": "mg/dL"}, **timing}
+
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": {"resourceType": "Patient", "id": "p1", "gender": "female",
+                                                "birthDate": "1950-02-03",
+                                                "identifier": [{"value": "000777"}]}},
+        {"fullUrl": "urn:uuid:o1", "resource": creatinine("o1", 0.9, effectiveDateTime="2025-01-02T08:00:00Z")},
+        {"fullUrl": "urn:uuid:m1", "resource": {
+            "resourceType": "MedicationAdministration", "status": "completed", "subject": subject,
+            "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                      "code": "77655"}]},
+            "effectiveDateTime": "2025-01-05T10:00:00Z", "dosage": {"dose": {"value": 4, "unit": "mg"}}}},
+        {"fullUrl": "urn:uuid:r1", "resource": {
+            "resourceType": "DiagnosticReport", "id": "r1", "status": "final", "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "24362-6"}]},
+            "effectiveDateTime": "2025-02-01T07:30:00Z", "result": [{"reference": "urn:uuid:o2"}]}},
+        {"fullUrl": "urn:uuid:o2", "resource": creatinine("o2", 1.6)},
+    ]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(bundle), "utf-8")
+    loaded = pipeline.ingest(settings, [path])
+    assert (loaded.accepted, loaded.quarantined) == (5, 0)      # 2 results, a dose, birth date, sex
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(tables.lab_results.c.result_id, tables.lab_results.c.collected_basis)).all())
+    assert stored == {"o1": "", "o2": "DiagnosticReport.effective"}
+    pipeline.evaluate(settings, date(2025, 2, 2))
+    (evidence,) = [json.loads(e) for _, rule, _, e, _ in _alerts(settings) if rule == "RENAL_HOLD"]
+    assert evidence["time_basis"] == ["the creatinine of 2025-02-01 had no collection time of its own: the "
+                                      "effective time of the DiagnosticReport that lists it is used"]

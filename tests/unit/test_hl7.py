@@ -623,3 +623,20 @@ def test_write_hl7_writes_demographics_when_given(tmp_path, settings):
         ("000123", "sex", "F", "2025-03-01"),
         ("000456", "sex", "M", "2025-02-01T07:00:00+01:00"),
     ]
+
+
+def test_an_obx_before_any_obr_is_counted_when_not_monitored_and_quarantined_when_monitored(tmp_path, settings):
+    """A heart rate sent before the first OBR (a real feed does: the FHIR Converter's ORU-R01-01)
+    has no identity, but bonewatch does not monitor it: it is counted (SPEC 2.5), not a bad row. A
+    creatinine there cannot be stored without an identity: quarantined, saying why."""
+    path = write(tmp_path / "early.hl7", [message(
+        "1", "PID|1||P1", "OBX|1|NM|8867-4^Heart rate^LN||72|/min|||||F|||20250115083000",
+        "OBX|2|NM|2160-0^^LN||1.1|mg/dL|||||F|||20250115083000", "OBR|1||A|C|||20250115",
+        "OBX|1|NM|2160-0^^LN||1.2|mg/dL|||||F")])
+    frame, bad, _ = read(path, settings)
+    assert [(line, reason) for line, _, reason in bad] == [(4, "OBX without an OBR before it")]
+    assert list(frame["result_id"]) == ["", "A|C|2160-0"]
+    parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
+    assert list(parsed.rows["result_id"]) == ["A|C|2160-0"] and parsed.rejected.empty
+    assert parsed.codes[["code", "kind", "rows"]].to_dict("records") == [
+        {"code": "8867-4", "kind": "not_monitored", "rows": 1}]
