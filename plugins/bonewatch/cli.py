@@ -121,8 +121,9 @@ def ingest(ctx: click.Context, paths: tuple[str, ...], partition: str | None, fe
 
 def _report_ingest(ctx: click.Context, summary, noun: str) -> None:
     for loaded in summary.per_file:
-        click.echo(f"  {loaded['file']}: {loaded['accepted']} accepted, {loaded['not_monitored']} not monitored, "
-                   f"{loaded['quarantined']} quarantined")
+        click.echo(f"  {loaded['file']}: " + (loaded["note"] if "note" in loaded else
+                   f"{loaded['accepted']} accepted, {loaded['not_monitored']} not monitored, "
+                   f"{loaded['quarantined']} quarantined"))
     click.echo(f"{summary.files} {noun}: {summary.accepted} rows accepted, {summary.not_monitored} not monitored, "
                f"{summary.quarantined} quarantined"
                + (f", {summary.skipped_files} already ingested" if summary.skipped_files else "")

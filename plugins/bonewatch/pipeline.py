@@ -248,7 +248,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     writer.join()
     if failures:
         raise failures[0]
-    return Loaded(accepted, quarantined, not_monitored, units)
+    return Loaded(accepted, quarantined, not_monitored, units, total)
 
 
 @dataclass
@@ -259,6 +259,11 @@ class Loaded:
     quarantined: int
     not_monitored: int
     units: dict
+    rows_total: int = 0     # everything read, patients' references included
+
+
+#: what `bonewatch ingest` says of a file that gave nothing at all (SPEC 2: never a silent drop)
+NOTHING_READ = "nothing bonewatch reads in it (no result, clinical fact or patient)"
 
 
 def _codes_of_delivery(parts: list, delivery_id: str, feed: str):
@@ -397,7 +402,10 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                     summary.not_monitored += loaded.not_monitored
                     summary.per_file.append({"file": path.name, "accepted": loaded.accepted,
                                              "not_monitored": loaded.not_monitored,
-                                             "quarantined": loaded.quarantined})
+                                             "quarantined": loaded.quarantined,
+                                             **({"note": NOTHING_READ} if not loaded.rows_total else {})})
+                    if not loaded.rows_total:
+                        log.warning("%s: %s", path.name, NOTHING_READ)
                     log.info("ingested %s: %d accepted, %d not monitored, %d quarantined", path.name,
                              loaded.accepted, loaded.not_monitored, loaded.quarantined)
             except SourceUnreadable as exc:

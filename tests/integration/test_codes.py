@@ -145,3 +145,20 @@ def test_a_resent_identical_fact_marks_nobody(engine, settings, tmp_path):
     pipeline.ingest(settings, [write(tmp_path, "b.events.csv", EVENTS + "0042,birth_date,2025-06-09,1950-02-03,\n")])
     assert _dirty_from(engine, "0042") is None
     assert _demographics(engine) == [("0042", "birth_date", "1950-02-03")]
+
+
+def test_a_file_with_nothing_bonewatch_reads_says_so(engine, settings, tmp_path):
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "Encounter", "id": "e1", "status": "finished"}},
+        {"resource": {"resourceType": "Practitioner", "id": "dr"}}]}
+    path = tmp_path / "encounters.json"
+    path.write_text(json.dumps(bundle), encoding="utf-8")
+    summary = pipeline.ingest(settings, [path])
+    assert summary.failed_files == 0
+    assert summary.per_file == [{"file": "encounters.json", "accepted": 0, "not_monitored": 0, "quarantined": 0,
+                                 "note": pipeline.NOTHING_READ}]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**bundle, "id": "second"}), encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "bonewatch.cli", "ingest", str(other)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and f"other.json: {pipeline.NOTHING_READ}" in run.stdout
