@@ -787,3 +787,13 @@ def test_a_bundle_on_an_ndjson_line_is_quarantined(tmp_path, settings):
     items = items_of(fhir.read_ndjson, path, ctx_of(settings))
     assert reasons(items) == {1: "a Bundle on an NDJSON line (one resource a line; send a Bundle as a .json file)"}
     assert [r[0] for r in rows(items, "labs")] == [2]
+
+
+def test_a_condition_coded_by_text_only_is_quarantined_without_quoting_it(tmp_path, settings):
+    """The codes list is shown to the data team: free text (which may name the patient) never goes on it."""
+    lines = [patient("p", "M1"),
+             {"resourceType": "Condition", "subject": {"reference": "Patient/p"}, "recordedDate": "2024-01-01",
+              "code": {"text": "DOE JOHN fell at home"}}]
+    items = items_of(fhir.read_ndjson, write_lines(tmp_path / "t.ndjson", lines), ctx_of(settings))
+    assert skipped_codes(items) == []
+    assert reasons(items) == {2: "Condition without a code (text only)"}
