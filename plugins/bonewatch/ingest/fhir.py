@@ -796,7 +796,7 @@ def _convert(entries: list[_Entry], state: _State) -> Iterator[tuple[str, Chunk]
             items.append(("events", Chunk(_frame([], EVENT_COLUMNS), bad)))
     if skipped:
         # counted per code, not stored: one row a resource, indexed by its place in the chunk
-        items.append(("codes", Chunk(pd.DataFrame({"code": skipped}, index=pd.RangeIndex(len(skipped), name="line")))))
+        items.append(("codes", Chunk(pd.DataFrame({"code": skipped}, index=pd.RangeIndex(1, len(skipped) + 1, name="line")))))
     yield from items
 
 
