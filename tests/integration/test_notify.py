@@ -713,3 +713,12 @@ def test_render_is_pure_and_escapes_html():
     assert "SCr <script>alert(1)</script> & more" in first.text   # plain text is not escaped
     assert first.subject == ("bonewatch: 1 alert for 1 patient, 1 urgent \N{EM DASH} "
                              "night of 2025-06-05")
+
+
+def test_digest_says_when_a_result_had_no_collection_time_of_its_own():
+    """A FHIR result timed by its DiagnosticReport: the nurse reads whose time the alert dates."""
+    said = ("the creatinine of 2025-06-04 had no collection time of its own: the effective time of the "
+            "DiagnosticReport that lists it is used")
+    row = _alert("000123", "RENAL_HOLD", "high", evidence={"summary": "SCr 1.90 mg/dL", "time_basis": [said]})
+    text = " ".join(render_digest(NURSES, NIGHT, [row], _golden_settings(False)).text.split())
+    assert f"Note: time basis: {said}" in text

@@ -138,7 +138,9 @@ def _group(rows: list[dict], settings: Settings, phi_minimal: bool, links: Mappi
     return groups
 
 
-NURSE_NOTES = ("missing", "conflict", "caveat", "note")   # conflict: two values at one instant, and the one used
+# conflict: two values at one instant, and the one used; time basis: a result without a collection
+# time of its own, and whose time stands in for it (FHIR)
+NURSE_NOTES = ("missing", "conflict", "time_basis", "caveat", "note")
 
 
 def _alert_view(row: dict, settings: Settings, phi_minimal: bool, link: str | None, reminder: bool) -> dict:
