@@ -133,10 +133,13 @@ def code_kinds(code: pd.Series, settings: Settings) -> tuple[pd.Series, pd.Serie
             return None, "malformed"
         return None, "unmapped"
 
-    pairs = factorized_map(code, classify, default=(None, "missing"))
-    analyte = pd.Series([p[0] for p in pairs], index=code.index, dtype=object)
-    kind = pd.Series([p[1] for p in pairs], index=code.index, dtype=object)
-    return analyte, kind
+    # once per distinct code: a feed carries a handful of codes in millions of rows
+    positions, uniques = pd.factorize(code, use_na_sentinel=True)
+    decided = [classify(str(u)) for u in uniques]
+    analytes = np.array([a for a, _ in decided] + [None], dtype=object)     # the last slot: missing
+    kinds = np.array([k for _, k in decided] + ["missing"], dtype=object)
+    return (pd.Series(analytes[positions], index=code.index, dtype=object),
+            pd.Series(kinds[positions], index=code.index, dtype=object))
 
 
 def _code_counts(code: pd.Series, kind: pd.Series, day: pd.Series) -> pd.DataFrame:
