@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
 
+#: facts about a patient that hold for every night, whenever delivered (SPEC 2.5)
+TIMELESS_EVENTS = ("birth_date", "sex")
+
 
 class Severity(StrEnum):
     """How soon a nurse should act; digests list high first."""

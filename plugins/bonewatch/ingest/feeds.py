@@ -106,7 +106,7 @@ def implausible_events(rows: pd.DataFrame, plausible: dict[str, tuple[float, flo
 
 
 #: not a code: empty, spaces, punctuation a code system never uses (a name or note in a code field)
-_CODE_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+\-]{0,31}$")
+CODE_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+\-]{0,31}$")
 #: what happens to a result by its code (SPEC 2.5): monitored rows go on; these three are counted
 #: per code and skipped (`Parsed.codes`), never quarantined
 SKIPPED_CODES = ("not_monitored", "unmapped", "ignored")
@@ -129,7 +129,7 @@ def code_kinds(code: pd.Series, settings: Settings) -> tuple[pd.Series, pd.Serie
             return None, "ignored"
         if is_loinc(mapped):
             return None, "not_monitored"
-        if not _CODE_SHAPE.match(c):
+        if not CODE_SHAPE.match(c):
             return None, "malformed"
         return None, "unmapped"
 

@@ -57,7 +57,7 @@ from types import MappingProxyType
 import pandas as pd
 
 from bonewatch.errors import SourceUnreadable
-from bonewatch.ingest.feeds import EVENT_COLUMNS, LAB_COLUMNS
+from bonewatch.ingest.feeds import CODE_SHAPE, EVENT_COLUMNS, LAB_COLUMNS
 from bonewatch.ingest.reader import Chunk
 from bonewatch.ingest.sources import PATIENT_COLUMNS, ReadContext
 
@@ -552,14 +552,11 @@ def _medication(resource: dict, state: _State, where: _Where) -> list[_Out]:
     return [_Out("events", (event_type, occurred, value, detail), _subject_of(resource, where))]
 
 
-_CODE_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+\-]{0,31}")
-
-
 def _not_monitored(kind: str, code: str) -> _Out:
     """A diagnosis, procedure or drug bonewatch does not follow (a SNOMED burn, a vancomycin
     infusion): not a bad row (SPEC 2.5), counted per code for the data team (`bonewatch codes --all`)
     so that a myeloma diagnosis or a bisphosphonate sent under another code is seen, not lost."""
-    if not _CODE_LIKE.fullmatch(code):    # text, not a code: it may be anything, patient data included
+    if not CODE_SHAPE.match(code):    # text, not a code: it may be anything, patient data included
         return _Out("bad", (f"{kind} without a code (text only)",))
     return _Out("codes", (f"{kind}:{code}"[:32],))
 

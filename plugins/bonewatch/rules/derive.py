@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 
 from bonewatch.config import Settings
+from bonewatch.model import TIMELESS_EVENTS
 
 BISPHOSPHONATES = {"zoledronic_acid", "pamidronate"}
 USABLE = {"final", "corrected"}     # preliminary is shown but drives nothing; cancelled has no effect
 #: Event types that hold for every night, a past one included, whenever they were delivered (SPEC 2.5):
 #: a Patient loaded today is stamped with today, and cut off by the night a backfill had no age or sex.
-TIMELESS = ("birth_date", "sex")
+TIMELESS = TIMELESS_EVENTS
 
 #: Two results of one analyte for one patient at one instant with different values (real exports
 #: have them): the rules use the cautious one, the reading that would raise the alert, and the

@@ -23,10 +23,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from sqlalchemy import Connection, select
 
+from bonewatch.model import TIMELESS_EVENTS
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
-
-#: facts about a patient that hold for every night, whenever delivered (SPEC 2.5)
-TIMELESS_EVENTS = ("birth_date", "sex")
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
                  "urine_albumin_24h", "urine_albumin_spot", "urine_albumin_ratio"]

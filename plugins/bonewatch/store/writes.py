@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 from sqlalchemy import Connection, Date, DateTime, Float, Integer, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from bonewatch.store.reads import TIMELESS_EVENTS
+from bonewatch.model import TIMELESS_EVENTS
 from bonewatch.store.tables import (
     clinical_events,
     deliveries,
