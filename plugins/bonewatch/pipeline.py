@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from bonewatch import faults
 from bonewatch.config import Settings
 from bonewatch.errors import BonewatchError, SourceUnreadable
 
@@ -167,6 +168,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                         writes.insert_delivery_codes(conn, _codes_of_delivery(codes, delivery_id, feed))
                         if finish is not None:
                             finish(conn)
+                        faults.point("ingest.ledger")
                         writes.record_delivery(conn, item)
                         return
                     kind, rows, rejected = item
@@ -232,6 +234,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                 "feed": feed, "file_name": file_name, "reason": rejected["reason"].to_numpy(),
                 "raw": rejected["raw"].to_numpy()})
             hand_over((kind, rows, quarantine_rows))
+            faults.point("ingest.chunk")
             if kind != "patients":
                 accepted += len(rows)
             quarantined += len(rejected)
@@ -596,6 +599,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             courses.save_course_states(conn, course_states, as_of, patients=set(ids))
             writes.record_evaluation(conn, batch, as_of, digest)
         lap("write", started)   # the commit included
+        faults.point("evaluate.batch")
         found, new, resolved = found + len(findings), new + added, resolved + cleared
         for f in findings:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1

@@ -50,6 +50,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, case, insert, or_, select, update
 
+from bonewatch import faults
 from bonewatch.config import Settings
 from bonewatch.errors import AlertDeliveryError
 from bonewatch.notify.charts import Trend, build_trends, family
@@ -312,6 +313,7 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
         if row is None:      # sent, cancelled or being sent by another flush since we looked
             result.elsewhere += 1
             continue
+        faults.point("notify.claimed")
         live: list[Mapping[str, Any]] = []
         reminders: list[str] = []
         if row["kind"] == DIGEST:
@@ -340,6 +342,7 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
             result.errors.append(f"{row['kind']} for {row['recipient']} (night {night.isoformat()}): {exc}")
             log.warning("outbox: %s not sent: %s", message_id, exc)
             continue
+        faults.point("notify.accepted")
         # straight after the 250: the window in which a death sends this message twice
         result.alerts_notified += _record_sent(engine, row, subject, [a["alert_id"] for a in live],
                                                set(reminders), now)
