@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test acceptance bench lock clean
+.PHONY: demo test acceptance bench faults lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 # Issue 4's acceptance scale: 2,000 synthetic patients over a year of nights (about 15 minutes).
 acceptance: $(STAMP)
 	COHORT_SCALE=full $(BIN)/pytest tests/integration/test_cohort.py -n 0 -s
+
+# Issue 14: real processes killed at chosen points, SMTP and PostgreSQL failures, runs side by
+# side, and a soak of 365 nights with random faults, against clean runs (about 40 minutes).
+# Prints one line; `make test` runs a short version (tests/faults/test_faults.py).
+faults: $(STAMP)
+	bash scripts/ensure-postgres
+	$(BIN)/python -m tests.faults --soak-nights 365 --workdir data/faults
 
 bench: $(STAMP)
 	bash scripts/ensure-postgres

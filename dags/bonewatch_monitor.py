@@ -13,12 +13,15 @@ queues several events before this DAG runs, every night is evaluated, oldest fir
 1. `resolve_nights`: which nights (pure; no retry).
 2. `evaluate_rules`: every rule as of each night; alerts upserted on (patient, rule, episode),
    so a rerun changes nothing (`bonewatch.pipeline.evaluate`).
-3. `send_alerts`: queue the digests in the outbox and send them (`bonewatch.pipeline.notify`).
-   An alert is marked notified only once the SMTP server accepted it, so a retry never sends it
-   twice, and an SMTP outage delays alerts without losing them.
-4. `check_feeds`: record each feed's data-quality metrics for the night (arrival against its
-   deadline, rows, quarantine, expectations, units) and email the data team about new problems
-   (`bonewatch.pipeline.quality_check`); the dashboard reads these.
+3. `check_feeds`: record each feed's data-quality metrics for the night (arrival against its
+   deadline, rows, quarantine, expectations, units) and queue an email to the data team about new
+   problems (`bonewatch.pipeline.quality_check`); the dashboard reads these.
+4. `send_alerts`, the only task that sends: queue the digests in the outbox and send everything
+   it holds, the data team's email included (`bonewatch.pipeline.notify`). It runs once
+   evaluation succeeded, even if `check_feeds` failed (the nurses' alerts never wait on a
+   data-quality problem). Each message is claimed before it is sent, so a retry, or a
+   `bonewatch notify` at the same time, never sends one twice; an alert is marked notified only
+   once the SMTP server accepted it, and an SMTP outage delays alerts without losing them.
 
 **Failures and lateness** email the data team, never the nurses: a task's final failure, and a
 run still unfinished after 2 hours, which `dagrun_timeout` stops.
@@ -88,9 +91,11 @@ with DAG(
         return [pipeline.evaluate(settings, date.fromisoformat(n)).as_dict() for n in nights]
 
     # SMTP I/O: an outage leaves the messages pending in the outbox; the retries (5, 10, 20 min)
-    # send them, and nothing the server already accepted is sent again.
+    # send them, and nothing the server already accepted is sent again. After check_feeds, so
+    # that its email goes out in the same flush; all_done_min_one_success: evaluation must have
+    # succeeded (check_feeds cannot succeed without it), check_feeds need not.
     @task(retries=3, retry_delay=timedelta(minutes=5), retry_exponential_backoff=2.0,
-          max_retry_delay=timedelta(minutes=30))
+          max_retry_delay=timedelta(minutes=30), trigger_rule="all_done_min_one_success")
     def send_alerts(nights: list[str]) -> dict:
         """Queue the latest night's digests and send what the outbox holds (earlier nights'
         unsent alerts included). Out: the NotifySummary as a dict."""
@@ -108,7 +113,7 @@ with DAG(
                                      + "; ".join(summary.errors[:3]))
         return summary.as_dict()
 
-    # Store and SMTP I/O; recording is keyed on (night, feed) and each problem is emailed once.
+    # Store I/O; recording is keyed on (night, feed) and each problem is queued once.
     @task(retries=2, retry_delay=timedelta(minutes=2), retry_exponential_backoff=2.0,
           max_retry_delay=timedelta(minutes=20))
     def check_feeds(nights: list[str]) -> list[dict]:
@@ -129,8 +134,10 @@ with DAG(
 
     nights = resolve_nights()
     evaluated = evaluate_rules(nights)
-    evaluated >> send_alerts(nights)
-    evaluated >> check_feeds(nights)
+    checked = check_feeds(nights)
+    sent = send_alerts(nights)
+    evaluated >> checked >> sent
+    evaluated >> sent        # its own edge: the trigger rule sees evaluation's state directly
 
 
 if __name__ == "__main__":

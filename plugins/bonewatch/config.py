@@ -48,6 +48,9 @@ class Site(BaseModel):
 class Database(BaseModel):
     model_config = _STRICT
     url: str = ""
+    # A run that needs a lock another process holds (the same night, the same file, the
+    # evaluation) waits this long, then exits 1 naming the holder (`bonewatch.store.locks`).
+    lock_wait_s: float = Field(600, ge=0)
 
 
 class Smtp(BaseModel):
@@ -82,6 +85,9 @@ class Notify(BaseModel):
     # Acknowledgement links: signed with BONEWATCH_ACK_SECRET (environment only), valid this long.
     ack_link_ttl_hours: float = Field(168, gt=0)
     ack_secret: str = Field("", repr=False)
+    # A flush claims a message for this long before sending it; a flush that died holding the
+    # claim lets another take the message over once it has expired. Longer than any send.
+    claim_lease_s: float = Field(600, gt=0)
     charts: bool = True
     chart_days: int = Field(180, ge=7)
 
@@ -312,6 +318,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEWATCH_SMTP_PASSWORD": ("smtp", "password"),
     "BONEWATCH_SMTP_STARTTLS": ("smtp", "starttls"),
     "BONEWATCH_ACK_SECRET": ("notify", "ack_secret"),
+    "BONEWATCH_LOCK_WAIT_S": ("database", "lock_wait_s"),
 }
 
 

@@ -37,6 +37,15 @@ class StoreError(BonewatchError):
     """The store is missing, unreachable or not migrated."""
 
 
+class Busy(BonewatchError):
+    """Another process holds a lock this one needs (a night, a delivery, the evaluation)."""
+
+    def __init__(self, name: str, holder: str, waited_s: float):
+        self.name, self.holder = name, holder
+        super().__init__(f"{name} is held by {holder}; gave up after waiting {waited_s:g} s "
+                         "(retry when it has finished)")
+
+
 class AlertDeliveryError(BonewatchError):
     """The SMTP server did not accept a message."""
 

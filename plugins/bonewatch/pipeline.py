@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from bonewatch import faults
 from bonewatch.config import Settings
 from bonewatch.errors import BonewatchError, SourceUnreadable
 
@@ -167,6 +168,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                         writes.insert_delivery_codes(conn, _codes_of_delivery(codes, delivery_id, feed))
                         if finish is not None:
                             finish(conn)
+                        faults.point("ingest.ledger")
                         writes.record_delivery(conn, item)
                         return
                     kind, rows, rejected = item
@@ -232,6 +234,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                 "feed": feed, "file_name": file_name, "reason": rejected["reason"].to_numpy(),
                 "raw": rejected["raw"].to_numpy()})
             hand_over((kind, rows, quarantine_rows))
+            faults.point("ingest.chunk")
             if kind != "patients":
                 accepted += len(rows)
             quarantined += len(rejected)
@@ -370,7 +373,7 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
     only the files of that feed (`sources.FEED_OF_FORMAT`) are loaded: one Airflow task a feed.
     """
     from bonewatch.ingest import sources
-    from bonewatch.store import writes
+    from bonewatch.store import locks, writes
 
     files = sorted(expand_paths(paths), key=_file_order)
     engine = engine_for(settings)
@@ -390,13 +393,18 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                 if unreadable is not None:
                     raise unreadable
                 delivery_id = file_digest(path)
-                with engine.connect() as conn:
-                    status = writes.delivery_status(conn, delivery_id)
-                if status == "loaded":
+                # The ledger check and the load under one lock per delivery: a second ingest of
+                # the same bytes at the same time waits, then finds it loaded.
+                with locks.hold(engine, f"delivery {delivery_id[:16]}", wait_s=settings.database.lock_wait_s,
+                                holder=locks.describe(f"ingest {delivery_id[:8]}")):
+                    with engine.connect() as conn:
+                        status = writes.delivery_status(conn, delivery_id)
+                    loaded = (None if status == "loaded"
+                              else _ingest_file(engine, settings, path, fmt, delivery_id, partition))
+                if loaded is None:
                     summary.skipped_files += 1
                     log.info("skipped %s: already ingested", path.name)
                 else:
-                    loaded = _ingest_file(engine, settings, path, fmt, delivery_id, partition)
                     summary.accepted += loaded.accepted
                     summary.quarantined += loaded.quarantined
                     summary.not_monitored += loaded.not_monitored
@@ -535,14 +543,26 @@ def evaluate(settings: Settings, as_of: date, *, full: bool = False,
     are re-evaluated (data loaded since, a due date reached, another rule set, or a night before
     their last one; `bonewatch.incremental`), in batches of `batch_patients`, each with its whole
     history. `full` evaluates every patient. Both give the same alerts. `patients` in the summary
-    counts the patients evaluated; `findings` and `by_rule` are theirs.
+    counts the patients evaluated; `findings` and `by_rule` are theirs. Waits for an evaluation
+    running in another process (`[database] lock_wait_s`), then raises `Busy`.
     """
+    from bonewatch.store import locks
+
+    engine = engine_for(settings)
+    # One evaluation of the store at a time, whatever the night: two would write the same
+    # patients' alerts and course states in interleaved batches (a backfill beside the nightly run).
+    with locks.hold(engine, "evaluate", wait_s=settings.database.lock_wait_s,
+                    holder=locks.describe(f"evaluate {as_of}")):
+        return _evaluate(engine, settings, as_of, full=full, batch_patients=batch_patients)
+
+
+def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
+              batch_patients: int) -> EvaluateSummary:
     import pandas as pd
 
     from bonewatch import incremental, rules
     from bonewatch.store import alerts, courses, reads, writes
 
-    engine = engine_for(settings)
     digest = incremental.rules_digest(settings)
     with engine.connect() as conn:
         todo = reads.patients_to_evaluate(conn, as_of, digest, full=full)
@@ -579,6 +599,7 @@ def evaluate(settings: Settings, as_of: date, *, full: bool = False,
             courses.save_course_states(conn, course_states, as_of, patients=set(ids))
             writes.record_evaluation(conn, batch, as_of, digest)
         lap("write", started)   # the commit included
+        faults.point("evaluate.batch")
         found, new, resolved = found + len(findings), new + added, resolved + cleared
         for f in findings:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
@@ -612,10 +633,20 @@ def nightly(settings: Settings, as_of: date, *, now: datetime | None = None) -> 
     """The whole night as the DAGs run it: ingest the night's partition, evaluate, check the
     feeds' data quality, notify. `now` is the run's clock (default: the wall clock); it decides
     whether a feed not there yet is "missing" or "not yet due"."""
+    from bonewatch.store import locks
+
+    engine = engine_for(settings)
+    # A second run of the same night (a rerun, a retry on another worker) waits for the first,
+    # then finds everything done; after `lock_wait_s` it gives up naming the holder.
+    with locks.hold(engine, f"night {as_of.isoformat()}", wait_s=settings.database.lock_wait_s,
+                    holder=locks.describe(f"nightly {as_of.isoformat()}")):
+        return _nightly(engine, settings, as_of, now)
+
+
+def _nightly(engine: Engine, settings: Settings, as_of: date, now: datetime | None) -> dict:
     from bonewatch.quality import suites
     from bonewatch.store import tables
 
-    engine = engine_for(settings)
     started = _now()
     paths = partition_paths(settings, as_of)
     with suites.keep_results() as validations:      # the GX results, for the Data Docs
@@ -651,6 +682,9 @@ def quality_check(settings: Settings, night: date, *, now: datetime | None = Non
     times); `validations` the GX results kept while ingesting them. Returns a QualitySummary.
     """
     from bonewatch.dashboard import record
+    from bonewatch.store import locks
 
-    return record.record_night(engine_for(settings), settings, night, now=now or _now(),
-                               files=expand_paths(paths), validations=validations)
+    engine = engine_for(settings)
+    with locks.hold(engine, f"quality {night.isoformat()}", wait_s=settings.database.lock_wait_s):
+        return record.record_night(engine, settings, night, now=now or _now(),
+                                   files=expand_paths(paths), validations=validations)

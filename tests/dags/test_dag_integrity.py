@@ -80,8 +80,12 @@ def test_asset_handoff_one_task_and_one_asset_per_feed(dagbag):
     condition = monitor.timetable.asset_condition
     assert type(condition).__name__ == "AssetAll", "the monitor waits for every feed, then runs once"
     assert list(condition.objects) == list(FEED_ASSETS.values())
-    assert set(monitor.get_task("send_alerts").upstream_task_ids) == {"evaluate_rules",
-                                                                       "resolve_nights"}
+    # one sending task: after the data-quality check (its email goes in the same flush), and
+    # run whenever evaluation succeeded, even if the check failed
+    send = monitor.get_task("send_alerts")
+    assert set(send.upstream_task_ids) == {"evaluate_rules", "check_feeds", "resolve_nights"}
+    assert send.trigger_rule == "all_done_min_one_success"
+    assert set(monitor.get_task("check_feeds").downstream_task_ids) == {"send_alerts"}
 
 
 def test_ingest_runs_nightly_in_the_hospital_zone(dagbag):

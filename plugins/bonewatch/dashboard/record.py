@@ -5,6 +5,8 @@ problems through the outbox.
 `record_night` is called by `bonewatch.pipeline.quality_check` (the nightly run) after the night
 was ingested and evaluated. Every write is an upsert keyed on the night, so a rerun changes
 nothing; a problem is emailed once (`dq_problems` remembers it, the outbox key de-duplicates).
+The email is only *queued* here: the one sender (`pipeline.notify`, the monitor DAG's send task,
+`bonewatch notify`) delivers it, so two tasks never flush the outbox side by side.
 """
 
 from __future__ import annotations
@@ -51,10 +53,8 @@ class QualitySummary:
     problems: int = 0
     new_problems: int = 0
     emailed: int = 0                                        # problems in tonight's data-team email
-    sent: int = 0
-    failed: int = 0
+    queued: int = 0                                         # data-team messages queued (one per address)
     validations: int = 0
-    errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +97,7 @@ def record_night(engine: Engine, settings: Settings, night: date, *, now: dateti
     to_email = metrics.pageable(new, assessed.rows, now, thresholds)
     key = None
     if to_email:
-        key = _queue_email(engine, settings, night, to_email)
+        key, summary.queued = _queue_email(engine, settings, night, to_email)
     if new:
         emailed = {(p.feed, p.issue) for p in to_email}
         with engine.begin() as conn:
@@ -106,12 +106,6 @@ def record_night(engine: Engine, settings: Settings, night: date, *, now: dateti
                 {"night": night, "feed": p.feed, "issue": p.issue, "severity": p.severity, "text": p.text,
                  "found_at": now, "message_key": key if (p.feed, p.issue) in emailed else None}
                 for p in new])
-    if key is not None:
-        from bonewatch.notify import outbox
-
-        flushed = outbox.flush(engine, settings)
-        summary.sent, summary.failed = flushed.sent, flushed.failed
-        summary.errors = list(flushed.errors)
     summary.feeds = {r["feed"]: r["status"] for r in assessed.rows}
     summary.rag = {r["feed"]: r["rag"] for r in assessed.rows}
     summary.problems, summary.new_problems, summary.emailed = len(assessed.problems), len(new), len(to_email)
@@ -193,17 +187,18 @@ def _write_night(conn: Connection, night: date, rows: list[dict], volume: dict, 
                          "unreadable_files": unreadable, "recorded_at": now}])
 
 
-def _queue_email(engine: Engine, settings: Settings, night: date, problems: list[metrics.Problem]) -> str:
+def _queue_email(engine: Engine, settings: Settings, night: date,
+                 problems: list[metrics.Problem]) -> tuple[str, int]:
     """One data-team email for the night's new problems; its key names exactly those problems, so
-    a rerun queues nothing twice."""
+    a rerun queues nothing twice. Returns the key and how many messages were new."""
     from bonewatch.notify import outbox
 
     ids = sorted(f"{p.feed}/{p.issue}" for p in problems)
     key = f"dq:{night.isoformat()}:{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}"
     notice = metrics.data_team_notice(night, problems, settings.site.name, settings.quality.dashboard_hint)
-    outbox.queue_message(engine, kind=DATA_QUALITY, recipients=list(settings.recipients.data_team),
-                         night=night, subject=notice.subject, text=notice.text, html=notice.html, key=key)
-    return key
+    added = outbox.queue_message(engine, kind=DATA_QUALITY, recipients=list(settings.recipients.data_team),
+                                 night=night, subject=notice.subject, text=notice.text, html=notice.html, key=key)
+    return key, added
 
 
 # ---- reads (bulk SQL) --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ memory and, when a folder is given, saved there as an .eml file."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -20,6 +21,8 @@ class _Handler:
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.refuse: set[str] = set()
+        self.delay_s = 0.0              # a slow server: wait this long before answering DATA
+        self.drop_after_data = 0        # keep the next N messages, then hang up instead of "250"
         self._lock = threading.Lock()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
@@ -38,6 +41,14 @@ class _Handler:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 name = f"{len(self.messages):04d}.eml"
                 (self.folder / name).write_bytes(envelope.original_content or envelope.content)
+            drop = self.drop_after_data > 0
+            self.drop_after_data -= int(drop)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if drop:
+            # the message was received, but the client never hears "250": the connection drops
+            server.transport.abort()
+            return "421 connection dropped by test server"
         return "250 Message accepted for delivery"
 
 
@@ -73,10 +84,20 @@ class MailCatcher:
         """Make the server answer 550 for these recipients (a real refusal, not a mock)."""
         self.handler.refuse = {a.lower() for a in addresses}
 
+    def slow(self, seconds: float) -> None:
+        """Answer DATA only after `seconds` (a slow relay), so two senders overlap for real."""
+        self.handler.delay_s = seconds
+
+    def drop_after_data(self, messages: int = 1) -> None:
+        """Keep the next `messages` messages, then close the connection instead of answering."""
+        self.handler.drop_after_data = messages
+
     def clear(self) -> None:
         with self.handler._lock:
             self.handler.messages.clear()
             self.handler.envelopes.clear()
+            self.handler.delay_s = 0.0
+            self.handler.drop_after_data = 0
 
     def start(self) -> MailCatcher:
         # aiosmtpd's readiness probe cannot connect to port 0, so pick a free port first.

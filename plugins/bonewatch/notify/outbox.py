@@ -19,9 +19,17 @@ Three entry points, all safe to rerun:
   pending with the error recorded and schedules the next try with exponential back-off; a `sent`
   row is never looked at again, so nothing accepted is sent twice.
 
-One gap no outbox closes: if the store fails between the server's acceptance and our commit,
-the next flush sends the same message again, under the same Message-ID (clients that de-duplicate
-on it show it once). Run one flush at a time (the DAG and the CLI do).
+Flushes may run at the same time (the DAG's send task, `bonewatch notify`, a retry on another
+worker): each message is *claimed* before it is sent, with one conditional UPDATE (pending, not
+claimed or its claim expired) that only one flush can win; the others leave it alone. A claim is
+a lease (`[notify] claim_lease_s`): a flush killed while holding it lets the next flush take the
+message over once it has expired. Queueing takes the `outbox` lock, so two queueing runs never
+extend one row at once.
+
+One gap no outbox closes: if the process dies between the server's acceptance and our commit
+(milliseconds: the commit follows the 250 at once), the message is sent again once its claim has
+expired, under the same Message-ID (clients that de-duplicate on it show it once). `make faults`
+kills a flush exactly there and counts these separately.
 
 Outbox row status: `pending` → `sent`, or `cancelled` when, by the time it could be sent, every
 alert in it had been acknowledged or resolved (nothing left to tell; `last_error` says so).
@@ -42,13 +50,14 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Connection, Engine, case, insert, or_, select, update
 
+from bonewatch import faults
 from bonewatch.config import Settings
 from bonewatch.errors import AlertDeliveryError
 from bonewatch.notify.charts import Trend, build_trends, family
 from bonewatch.notify.render import render_digest
 from bonewatch.notify.send import send_message
 from bonewatch.notify.tokens import ack_link
-from bonewatch.store import audit
+from bonewatch.store import audit, locks
 from bonewatch.store.tables import alerts, clinical_events, lab_results, outbox
 from bonewatch.store.writes import _insert
 
@@ -73,6 +82,7 @@ class FlushResult:
     deferred: int = 0               # pending, waiting out the back-off after a failed attempt
     alerts_notified: int = 0
     cancelled: int = 0
+    elsewhere: int = 0              # claimed by another flush running now (it sends them)
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -174,7 +184,7 @@ def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
     """
     now = _utcnow()
     changed = 0
-    with engine.begin() as conn:
+    with locks.hold(engine, "outbox", wait_s=settings.database.lock_wait_s), engine.begin() as conn:
         rows = list(conn.execute(
             select(alerts).where(alerts.c.status == "open").order_by(alerts.c.alert_id)
         ).mappings().all())
@@ -197,7 +207,7 @@ def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
 
         existing = conn.execute(
             select(outbox.c.message_id, outbox.c.recipient, outbox.c.night, outbox.c.status,
-                   outbox.c.alert_ids)
+                   outbox.c.alert_ids, outbox.c.claimed_until)
             .where(outbox.c.kind == DIGEST, outbox.c.recipient.in_(list(wanted)))
         ).mappings().all()
 
@@ -213,17 +223,21 @@ def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
             if not new:
                 continue
             tonight = [r for r in mine if r["night"] == night]
-            pending = next((r for r in tonight if r["status"] == "pending"), None)
+            # A row a flush is sending right now is not extended: its alerts would miss the
+            # message being sent. The new alerts get a follow-up row instead.
+            pending = next((r for r in tonight if r["status"] == "pending" and _unclaimed(r, now)), None)
+            extended = 0
             if pending is not None:
                 ids = json.loads(pending["alert_ids"]) + [row["alert_id"] for row in new]
                 subject = render_digest(recipient, night, _alert_rows(conn, ids), settings,
                                         reminders=reminders).subject
-                conn.execute(
+                extended = conn.execute(
                     update(outbox)
-                    .where(outbox.c.message_id == pending["message_id"], outbox.c.status == "pending")
+                    .where(outbox.c.message_id == pending["message_id"], outbox.c.status == "pending",
+                           _claim_free(now))
                     .values(alert_ids=json.dumps(ids), subject=subject)
-                )
-            else:
+                ).rowcount
+            if not extended:
                 conn.execute(insert(outbox).values(
                     message_id=message_id_for(recipient, night, DIGEST, seq=len(tonight) + 1),
                     recipient=recipient,
@@ -282,6 +296,8 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
         trends = _trends(conn, settings, pending, current)
 
     secret = settings.notify.ack_secret
+    me = locks.describe("flush")
+    lease = timedelta(seconds=settings.notify.claim_lease_s)
     if settings.site.phi_minimal and not secret and any(r["kind"] == DIGEST for r in pending):
         log.warning("BONEWATCH_ACK_SECRET is not set: the links in PHI-minimal digests are unsigned and "
                     "cannot acknowledge; use `bonewatch ack`")
@@ -293,11 +309,18 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
                                  f"waiting until {row['next_attempt_at']:%Y-%m-%d %H:%M} UTC to retry "
                                  f"after {row['attempts']} failed attempt(s): {row['last_error']}")
             continue
+        row = _claim(engine, message_id, me, now, lease, retry_now)
+        if row is None:      # sent, cancelled or being sent by another flush since we looked
+            result.elsewhere += 1
+            continue
+        faults.point("notify.claimed")
         live: list[Mapping[str, Any]] = []
         reminders: list[str] = []
         if row["kind"] == DIGEST:
-            live = [current[aid] for aid in json.loads(row["alert_ids"])
-                    if aid in current and current[aid]["status"] in _LIVE]
+            ids = json.loads(row["alert_ids"])
+            with engine.connect() as conn:   # as they are now: acknowledged meanwhile, or added
+                current.update({a["alert_id"]: a for a in _alert_rows(conn, ids)})
+            live = [current[aid] for aid in ids if aid in current and current[aid]["status"] in _LIVE]
             if not live:
                 _cancel(engine, message_id, night, now)
                 result.cancelled += 1
@@ -319,11 +342,43 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
             result.errors.append(f"{row['kind']} for {row['recipient']} (night {night.isoformat()}): {exc}")
             log.warning("outbox: %s not sent: %s", message_id, exc)
             continue
+        faults.point("notify.accepted")
+        # straight after the 250: the window in which a death sends this message twice
         result.alerts_notified += _record_sent(engine, row, subject, [a["alert_id"] for a in live],
                                                set(reminders), now)
         result.sent += 1
         log.info("outbox: %s sent with %d alert(s)", message_id, len(live))
     return result
+
+
+# ---- claims ------------------------------------------------------------------------------
+
+def _claim_free(now: datetime):
+    """SQL: nobody holds the row's claim (never claimed, or the lease has run out)."""
+    return or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now)
+
+
+def _unclaimed(row: Mapping[str, Any], now: datetime) -> bool:
+    return row["claimed_until"] is None or row["claimed_until"] < now
+
+
+def _claim(engine: Engine, message_id: str, me: str, now: datetime, lease: timedelta,
+           retry_now: bool) -> Mapping[str, Any] | None:
+    """Claim a pending message for this flush; return the row as it is now, or None when it was
+    sent, cancelled, put into back-off or claimed by another flush since it was read.
+
+    One conditional UPDATE decides: on PostgreSQL a second UPDATE of the row waits for the first
+    to commit and re-checks the condition against the new row; SQLite runs writers one at a time.
+    """
+    conditions = [outbox.c.message_id == message_id, outbox.c.status == "pending", _claim_free(now)]
+    if not retry_now:
+        conditions.append(or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now))
+    with engine.begin() as conn:
+        won = conn.execute(update(outbox).where(*conditions)
+                           .values(claimed_by=me, claimed_until=now + lease)).rowcount
+        if won != 1:
+            return None
+        return conn.execute(select(outbox).where(outbox.c.message_id == message_id)).mappings().one()
 
 
 # ---- writes -------------------------------------------------------------------------------
@@ -339,7 +394,7 @@ def _record_sent(engine: Engine, row: Mapping[str, Any], subject: str, alert_ids
             update(outbox)
             .where(outbox.c.message_id == message_id, outbox.c.status == "pending")
             .values(status="sent", sent_at=now, attempts=outbox.c.attempts + 1, next_attempt_at=None,
-                    subject=subject, alert_ids=json.dumps(alert_ids))
+                    subject=subject, alert_ids=json.dumps(alert_ids), claimed_by=None, claimed_until=None)
         ).rowcount
         entries = [audit.entry("send", actor="outbox", message_id=message_id, night=night, at=now,
                                from_status="pending", to_status="sent" if done else None, result="accepted",
@@ -378,7 +433,7 @@ def _record_failure(engine: Engine, settings: Settings, row: Mapping[str, Any], 
             update(outbox)
             .where(outbox.c.message_id == row["message_id"], outbox.c.status == "pending")
             .values(attempts=outbox.c.attempts + 1, last_error=error[:1000],
-                    next_attempt_at=now + backoff(settings, attempts))
+                    next_attempt_at=now + backoff(settings, attempts), claimed_by=None, claimed_until=None)
         )
         audit.record(conn, [audit.entry("send", actor="outbox", message_id=row["message_id"], night=row["night"],
                                         at=now, from_status="pending", to_status="pending", result="failed",
@@ -390,7 +445,7 @@ def _cancel(engine: Engine, message_id: str, night: date, now: datetime) -> None
         conn.execute(
             update(outbox)
             .where(outbox.c.message_id == message_id, outbox.c.status == "pending")
-            .values(status="cancelled", last_error=_CANCELLED_NOTE)
+            .values(status="cancelled", last_error=_CANCELLED_NOTE, claimed_by=None, claimed_until=None)
         )
         audit.record(conn, [audit.entry("cancelled", actor="outbox", message_id=message_id, night=night, at=now,
                                         from_status="pending", to_status="cancelled", detail=_CANCELLED_NOTE)])

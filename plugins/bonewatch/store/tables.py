@@ -143,6 +143,9 @@ outbox = Table(
     Column("body_text", Text, comment="ready-made messages only"),
     Column("body_html", Text),
     Column("next_attempt_at", DateTime, comment="back-off: not retried before this (UTC)"),
+    # 0008: claimed before sending
+    Column("claimed_by", String(64), comment="the flush sending it: process and host"),
+    Column("claimed_until", DateTime, comment="the claim holds until then (UTC); expired: any flush may take it"),
     Index("ux_outbox_kind_key_recipient", "kind", "message_key", "recipient", unique=True),
 )
 
