@@ -6,6 +6,7 @@ passed to `pipeline.nightly`. Also: a headless Chromium (Debian's package) with 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -157,16 +158,19 @@ def launch_chromium(playwright):
 
 class OfflinePage:
     """A browser page that may load file:// URLs only; every other request is aborted and
-    remembered, and console errors and page errors are collected."""
+    remembered, and console errors, page errors and failed requests (a file:// one included:
+    a missing file) are collected."""
 
     def __init__(self, browser, width: int = 1440, height: int = 1000):
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.blocked: list[str] = []
         self.errors: list[str] = []
+        self.failed: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.page.on("console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
         self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        self.page.on("requestfailed", lambda req: self.failed.append(f"{req.url}: {req.failure}"))
 
     def _route(self, route):
         url = route.request.url
@@ -182,3 +186,75 @@ class OfflinePage:
 
     def close(self):
         self.context.close()
+
+
+# ---- nothing remote ----------------------------------------------------------------------------
+
+#: an http(s)/ws/ftp URL or a protocol-relative //host: anything a page could fetch from elsewhere
+#: (this machine's own names excepted)
+REMOTE = re.compile(r"(?i)(?:\b(?:https?|wss?|ftp):)?//(?!(?:localhost|127\.0\.0\.1)\b)"
+                    r"[a-z0-9-]+(?:\.[a-z0-9-]+)+[^\s\"'`()<>\\]*")
+#: files a browser loads; licence texts and READMEs beside the vendored files are read by people
+SCANNED = {".html", ".htm", ".css", ".js", ".mjs", ".svg", ".json"}
+#: a licence banner: the comment a minified file starts with, and /*! ... */ comments anywhere
+_BANNER = re.compile(r"\A\s*/\*.*?\*/|/\*!.*?\*/", re.S)
+#: an HTML or XML comment (an SVG's "Generator: Sketch - https://sketch.com")
+_MARKUP_COMMENT = re.compile(r"<!--.*?-->", re.S)
+
+# Remote-looking strings that nothing fetches, each with the reason. Keyed by URL prefix; a
+# prefix under a file name holds in that file only.
+INERT_EVERYWHERE = {
+    "http://www.w3.org/": "XML, SVG and XLink namespace names (xmlns, createElementNS): names, never fetched",
+}
+INERT_IN = {
+    "plotly.min.js": {
+        # map traces (scattermap, choroplethmap, ...): the dashboard draws heatmaps, bars and boxes only
+        "https://basemaps.cartocdn.com/": "map styles of map traces",
+        "https://tiles.basemaps.cartocdn.com/": "map fonts of map traces",
+        "https://tile.openstreetmap.org/": "map tiles of map traces",
+        "https://www.openstreetmap.org/copyright": "attribution link drawn on a map",
+        "https://wiki.openstreetmap.org/": "link in the 'needs WebGL' message of map traces",
+        "https://server.arcgisonline.com/": "map tiles of map traces",
+        "https://geoserveis.icgc.cat/": "map styles of map traces",
+        "https://tilemaps.icgc.cat/": "map tiles of map traces",
+        "https://fonts.openmaptiles.org/": "map fonts of map traces",
+        "https://cdn.jsdelivr.net/npm/@mapbox/maki": "map marker icons of map traces",
+        "https://maplibre.org/": "attribution link drawn on a map",
+        "http://www.esri.com": "attribution text of a map layer",
+        # geo traces (scattergeo, choropleth): none on the dashboard
+        "https://cdn.plot.ly/un/": "topojson of geo traces",
+        # other dormant features and message text
+        "https://cloud.plotly.com/newchart": "'Edit in Chart Studio' (config showEditInChartStudio, off)",
+        "https://plotly.com/": "text of help messages and the logo link (config displaylogo, off)",
+        "https://get.webgl.org": "link in the 'needs WebGL' message (no WebGL trace is drawn)",
+        "http://get.webgl.org": "the same link, in another message",
+        "https://github.com/": "links in error messages and licence comments of bundled modules",
+    },
+    "bootstrap.min.js": {"https://popper.js.org": "text of the 'tooltips need Popper' error message"},
+    "vega-lite.min.js": {
+        "https://vega.github.io/schema/vega/": "the $schema name written into compiled specs, never fetched",
+        "https://github.com/vega/vega-lite/issues/": "text of a warning message",
+    },
+    "vega-embed.min.js": {
+        "https://vega.github.io/editor/": "'Open in Vega Editor' action; GX embeds charts with actions: false",
+        "https://github.com/Starcounter-Jack/JSON-Patch": "text of an error message",
+    },
+}
+
+
+def remote_references(folder: Path) -> dict[str, list[str]]:
+    """Every file under `folder` that a browser loads, with the remote references it holds beyond
+    the inert ones above (licence banners and markup comments skipped: nothing loads them)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SCANNED):
+        text = path.read_text("utf-8", errors="replace")
+        if path.suffix.lower() in {".css", ".js", ".mjs"}:
+            text = _BANNER.sub("", text)
+        elif path.suffix.lower() in {".html", ".htm", ".svg"}:
+            text = _MARKUP_COMMENT.sub("", text)
+        inert = tuple(INERT_EVERYWHERE) + tuple(INERT_IN.get(path.name, {}))
+        hits = sorted({m.group(0) for m in REMOTE.finditer(text)
+                       if not m.group(0).lower().startswith(inert)})
+        if hits:
+            found[str(path.relative_to(folder))] = hits
+    return found

@@ -26,6 +26,7 @@ from tests.integration.dq_feeds import (
     history,
     launch_chromium,
     patient_ids_in,
+    remote_references,
     run_nights,
 )
 
@@ -85,13 +86,26 @@ def db_name(engine) -> str:
     return engine.dialect.name
 
 
+PLOTTED = ("() => document.querySelectorAll('.plotly-graph-div .main-svg').length > 0 "
+           "|| document.querySelectorAll('.plotly-graph-div').length === 0")
+# On a Data Docs page: the vendored libraries ran and Bootstrap's stylesheet applies.
+GX_PAGE_READY = """() => [typeof jQuery, typeof jQuery.fn.bootstrapTable, typeof jQuery.fn.datepicker,
+    typeof vegaEmbed, getComputedStyle(document.querySelector('nav.navbar')).display]"""
+
+
 def open_offline(browser, path):
     """Open a dashboard file with every non-file request aborted; return (page, session)."""
     session = OfflinePage(browser)
     page = session.open(path)
-    page.wait_for_function("() => document.querySelectorAll('.plotly-graph-div .main-svg').length > 0 "
-                           "|| document.querySelectorAll('.plotly-graph-div').length === 0")
+    page.wait_for_function(PLOTTED)
     return page, session
+
+
+def every_page(out) -> tuple[list, list]:
+    """(the dashboard's HTML pages, its Data Docs' HTML pages) under `out`."""
+    pages = sorted(p for p in out.rglob("*.html") if "vendor" not in p.relative_to(out).parts)
+    docs = [p for p in pages if p.relative_to(out).parts[0] == build.DATADOCS]
+    return [p for p in pages if p not in docs], docs
 
 
 def test_late_and_missing_feeds_reach_the_data_team_and_the_dashboard(engine, quality_settings, mailbox,
@@ -154,6 +168,7 @@ def test_late_and_missing_feeds_reach_the_data_team_and_the_dashboard(engine, qu
     finally:
         session.close()
     assert patient_ids_in(out, PATIENTS) == {}
+    assert remote_references(out) == {}
 
 
 def test_unit_switch_and_bad_rows_reach_the_data_team_and_the_dashboard(engine, quality_settings, mailbox,
@@ -219,9 +234,28 @@ def test_unit_switch_and_bad_rows_reach_the_data_team_and_the_dashboard(engine, 
         page = session.open(out / docs)                             # GX's page, made to open offline
         assert "Expectation Validation Result" in page.inner_text("body")
         assert session.errors == [] and session.blocked == []
+
+        # every page of the dashboard and of its Data Docs, network cut: nothing fails, nothing
+        # is asked of elsewhere, and the Data Docs' vendored CSS and JS do their work
+        dashboard_pages, docs_pages = every_page(out)
+        assert {p.name for p in dashboard_pages} >= {"index.html", "feed-labs.html", "feed-events.html",
+                                                     "quarantine.html", "validations.html", "codes.html"}
+        assert len(docs_pages) == 1 + 2 + 6            # GX's index, a page per suite, a page per run
+        for path in dashboard_pages:
+            session.open(path).wait_for_function(PLOTTED)
+        for path in docs_pages:
+            page = session.open(path)
+            assert page.evaluate(GX_PAGE_READY) == ["function"] * 4 + ["flex"], path
+        page = session.open(out / build.DATADOCS / "index.html")
+        # drawn by bootstrap-table: 6 runs (Validation Results tab) and 2 suites (Expectation Suites tab)
+        assert page.locator(".bootstrap-table tbody tr").count() == 6 + 2
+        page.evaluate("() => document.fonts.ready")
+        assert page.evaluate("""() => document.fonts.check('900 1em "Font Awesome 6 Free"')""")
+        assert session.errors == [] and session.blocked == [] and session.failed == []
     finally:
         session.close()
     assert patient_ids_in(out, PATIENTS) == {}
+    assert remote_references(out) == {}
 
 
 def test_old_nights_are_recorded_but_page_no_one(engine, quality_settings, mailbox, tmp_path):

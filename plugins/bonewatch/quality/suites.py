@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import pandas as pd
 
+from bonewatch.quality import gx_context
 from bonewatch.units import ANALYTES
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _validation_definition(kind: str, plausible_key: tuple):
     for name in list(logging.root.manager.loggerDict):  # GX sets its own levels on import
         if name.startswith("great_expectations"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
+    context = gx_context("ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (
         context.data_sources.add_pandas(f"{kind}_source")
