@@ -307,10 +307,17 @@ def demo(ctx: click.Context, out: str | None, patients: int, nights: int) -> Non
               help="Port (default: the port of [site] ack_base_url, else 8099).")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int | None) -> None:
-    """Serve the acknowledgement links of the emails (a small web app; stop with Ctrl-C).
+    """Serve the acknowledgement links of the emails and the data-quality dashboard (a small web
+    app; stop with Ctrl-C).
 
-    Needs BONEWATCH_ACK_SECRET, the key the emails' links were signed with. Point
-    [site] ack_base_url at where nurses reach this server (hospital network only).
+    Needs BONEWATCH_ACK_SECRET, the key the emails' links were signed with (at least 32
+    characters). Point [site] ack_base_url at where nurses reach this server (hospital network
+    only; put a TLS reverse proxy in front of it).
+
+    The dashboard (built by `bonewatch dashboard`) is served at /dashboard only when
+    BONEWATCH_DASHBOARD_PASSWORD is set (at least 16 characters): HTTP Basic login as
+    [quality] dashboard_user (default data-team) with that password. Without it /dashboard
+    answers 404. The ack links need no login: their signed token is the credential.
     """
     from urllib.parse import urlsplit
 
@@ -320,6 +327,10 @@ def serve(ctx: click.Context, host: str, port: int | None) -> None:
     web.require_secret(settings)
     port = port or urlsplit(settings.site.ack_base_url).port or 8099
     click.echo(f"serving acknowledgement links on http://{host}:{port} (Ctrl-C stops)", err=True)
+    if settings.quality.dashboard_password:
+        click.echo(f"dashboard at http://{host}:{port}/dashboard/ (login: {settings.quality.dashboard_user})", err=True)
+    else:
+        click.echo("dashboard not served: set BONEWATCH_DASHBOARD_PASSWORD to serve it behind a login", err=True)
     web.serve(settings, host, port)
 
 

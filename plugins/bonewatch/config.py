@@ -3,6 +3,11 @@
 `load_settings()` merges the user's file (BONEWATCH_CONFIG) over `default.toml`, applies the
 BONEWATCH_* environment overrides of SPEC section 9, and validates the result. A bad value fails
 at start with its key and the reason.
+
+Secrets (the acknowledgement signing key, the SMTP and dashboard passwords, a password in a
+database URL) are read from the environment only: one in the file is a ConfigError naming the
+variable to use. They never appear in `repr`/`str` of the settings or in `model_dump()` (shown as
+`***`; `with_overrides` is the one caller that asks for them back).
 """
 
 from __future__ import annotations
@@ -16,14 +21,71 @@ import tomllib
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationError,
+    field_validator,
+)
 
 from bonewatch.errors import ConfigError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+#: `model_dump(context={REVEAL_SECRETS: True})` gives the secrets back (for a copy of the settings).
+REVEAL_SECRETS = "reveal_secrets"
+#: The shortest acknowledgement signing key and dashboard password accepted (characters).
+MIN_ACK_SECRET = 32
+MIN_DASHBOARD_PASSWORD = 16
+
+# A password in an SQLAlchemy URL, parsed as SQLAlchemy parses it (`name://user:password@host`,
+# the password running to the first "@"), or in its query (`?password=`, psycopg's form).
+_URL_PASSWORD = re.compile(r"^(?P<head>[\w+]+://[^:/]*:)(?P<password>[^@]*)@")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
+
+
+def url_has_password(url: str) -> bool:
+    """Whether an SQLAlchemy URL carries a (non-empty) password."""
+    found = _URL_PASSWORD.match(url)
+    return bool(found and found["password"]) or any(m["password"] for m in _QUERY_PASSWORD.finditer(url))
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) shown as `***`."""
+    url = _URL_PASSWORD.sub(lambda m: m["head"] + ("***" if m["password"] else "") + "@", url, count=1)
+    return _QUERY_PASSWORD.sub(lambda m: m["head"] + ("***" if m["password"] else ""), url)
+
+
+def _revealed(info: SerializationInfo) -> bool:
+    return bool(isinstance(info.context, dict) and info.context.get(REVEAL_SECRETS))
+
+
+def _dump_secret(value: str, info: SerializationInfo) -> str:
+    return value if _revealed(info) or not value else "***"
+
+
+def _dump_url(value: str, info: SerializationInfo) -> str:
+    return value if _revealed(info) else mask_url(value)
+
+
+#: A secret string: hidden from repr, `***` in model_dump.
+Secret = Annotated[str, Field(repr=False), PlainSerializer(_dump_secret)]
+#: A URL that may carry a password: masked in model_dump (and in repr, see `_MaskedUrlRepr`).
+UrlWithSecret = Annotated[str, PlainSerializer(_dump_url)]
+
+
+class _MaskedUrlRepr(BaseModel):
+    """A model whose `url` field is shown with its password masked by repr() and str()."""
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name == "url" and isinstance(value, str) else value)
 
 
 class Site(BaseModel):
@@ -45,9 +107,9 @@ class Site(BaseModel):
         return value
 
 
-class Database(BaseModel):
+class Database(_MaskedUrlRepr):
     model_config = _STRICT
-    url: str = ""
+    url: UrlWithSecret = ""      # a password in it comes from BONEWATCH_DATABASE_URL only
     # A run that needs a lock another process holds (the same night, the same file, the
     # evaluation) waits this long, then exits 1 naming the holder (`bonewatch.store.locks`).
     lock_wait_s: float = Field(600, ge=0)
@@ -58,8 +120,19 @@ class Smtp(BaseModel):
     host: str = "localhost"
     port: int = Field(8025, ge=1, le=65535)
     user: str = ""
-    password: str = Field("", repr=False)
+    password: Secret = ""          # BONEWATCH_SMTP_PASSWORD only
     starttls: bool = False
+    # Log in (send `user` and `password`) over a connection without TLS: off unless set on purpose.
+    allow_plaintext_login: bool = False
+
+    def check_login_transport(self) -> None:
+        """Raise a one-line ConfigError when sending would log in (a user is set) over a connection
+        without TLS (STARTTLS off) and `allow_plaintext_login` does not allow it; call it before
+        connecting, so not even the AUTH command leaves."""
+        if self.user and not self.starttls and not self.allow_plaintext_login:
+            raise ConfigError(f"SMTP login to {self.host}:{self.port} refused: smtp.starttls is off, so the password "
+                              "would cross the network in plain text; turn on starttls (BONEWATCH_SMTP_STARTTLS) or "
+                              "set [smtp] allow_plaintext_login = true for a relay on a trusted link")
     sender: str = "bonewatch@hospital.example"
     timeout_s: float = Field(30, gt=0)
 
@@ -84,7 +157,7 @@ class Notify(BaseModel):
     retry_backoff_max_s: float = Field(1800, ge=0)
     # Acknowledgement links: signed with BONEWATCH_ACK_SECRET (environment only), valid this long.
     ack_link_ttl_hours: float = Field(168, gt=0)
-    ack_secret: str = Field("", repr=False)
+    ack_secret: Secret = ""
     # A flush claims a message for this long before sending it; a flush that died holding the
     # claim lets another take the message over once it has expired. Longer than any send.
     claim_lease_s: float = Field(600, gt=0)
@@ -121,13 +194,13 @@ class Ingest(BaseModel):
         return value
 
 
-class SqlSource(BaseModel):
+class SqlSource(_MaskedUrlRepr):
     """A lab table or view in another database, pulled each night above a high-water mark."""
 
     model_config = _STRICT
     # SQLAlchemy URL of the source database; put the password in the environment variable named
     # by `url_env` (it wins over `url`), never in this file.
-    url: str = ""
+    url: UrlWithSecret = ""
     url_env: str = ""
     table: str                          # table or view, optionally schema-qualified
     watermark: str                      # a column that only grows: an insert/update sequence or timestamp
@@ -215,6 +288,10 @@ class Quality(BaseModel):
     default_deadline: str = "01:00"
     dashboard_hint: str = ""       # where the data team finds the dashboard (URL or path), for emails
     dashboard_dir: str = ""        # where `bonewatch dashboard` writes and `bonewatch serve` serves it
+    # `bonewatch serve` serves the dashboard only behind HTTP Basic: this user, the password from
+    # BONEWATCH_DASHBOARD_PASSWORD (environment only); without that password /dashboard is off.
+    dashboard_user: str = "data-team"
+    dashboard_password: Secret = ""
 
     @field_validator("default_deadline")
     @classmethod
@@ -318,8 +395,49 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEWATCH_SMTP_PASSWORD": ("smtp", "password"),
     "BONEWATCH_SMTP_STARTTLS": ("smtp", "starttls"),
     "BONEWATCH_ACK_SECRET": ("notify", "ack_secret"),
+    "BONEWATCH_DASHBOARD_PASSWORD": ("quality", "dashboard_password"),
     "BONEWATCH_LOCK_WAIT_S": ("database", "lock_wait_s"),
 }
+
+#: Secrets and where they may come from instead of the configuration file.
+_SECRETS_FROM_ENV: dict[tuple[str, str], str] = {
+    ("notify", "ack_secret"): "BONEWATCH_ACK_SECRET",
+    ("smtp", "password"): "BONEWATCH_SMTP_PASSWORD",
+    ("quality", "dashboard_password"): "BONEWATCH_DASHBOARD_PASSWORD",
+}
+_MIN_LENGTHS: dict[tuple[str, str], int] = {
+    ("notify", "ack_secret"): MIN_ACK_SECRET,
+    ("quality", "dashboard_password"): MIN_DASHBOARD_PASSWORD,
+}
+
+
+def _refuse_file_secrets(document: dict[str, Any], path: str | os.PathLike) -> None:
+    """A ConfigError naming the environment variable for the first secret found in the user's
+    file (never its value): files get copied, committed and mailed around; the environment does not."""
+    for (section, key), var in _SECRETS_FROM_ENV.items():
+        value = (document.get(section) or {}).get(key) if isinstance(document.get(section), dict) else None
+        if value not in (None, ""):
+            raise ConfigError(f"configuration key {section}.{key} in {path}: secrets are not read from the "
+                              f"configuration file; set {var} in the environment instead")
+    url = (document.get("database") or {}).get("url") if isinstance(document.get("database"), dict) else None
+    if isinstance(url, str) and url_has_password(url):
+        raise ConfigError(f"configuration key database.url in {path} carries a password: set the whole URL "
+                          "in BONEWATCH_DATABASE_URL in the environment instead")
+    sources = document.get("sources") if isinstance(document.get("sources"), dict) else {}
+    for name, source in sources.items():
+        url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(url, str) and url_has_password(url):
+            raise ConfigError(f"configuration key sources.{name}.url in {path} carries a password: put the "
+                              "URL in an environment variable and name it in url_env instead")
+
+
+def _check_secret_lengths(document: dict[str, Any]) -> None:
+    for (section, key), minimum in _MIN_LENGTHS.items():
+        value = document.get(section, {}).get(key) or ""
+        if 0 < len(str(value)) < minimum:
+            raise ConfigError(f"{_SECRETS_FROM_ENV[section, key]} is too short: at least {minimum} characters "
+                              "are required (a random key, e.g. from `python -c \"import secrets; "
+                              "print(secrets.token_urlsafe(32))\"`)")
 
 
 @lru_cache(maxsize=1)
@@ -354,11 +472,13 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
     path = path or env.get("BONEWATCH_CONFIG")
     if path:
         try:
-            document = _merge(document, tomllib.loads(Path(path).read_text("utf-8")))
+            users = tomllib.loads(Path(path).read_text("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+        _refuse_file_secrets(users, path)
+        document = _merge(document, users)
     for var, (section, key) in _ENV_OVERRIDES.items():
         if env.get(var, "") != "":
             value: Any = env[var]
@@ -367,6 +487,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
                     raise ConfigError(f"{var}: expected true or false, got {value!r}")
                 value = value.lower() in {"true", "1", "yes"}
             document.setdefault(section, {})[key] = value
+    _check_secret_lengths(document)
     try:
         settings = Settings.model_validate(document)
     except ValidationError as exc:
@@ -386,7 +507,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
 
 def with_overrides(settings: Settings, **dotted: Any) -> Settings:
     """A copy with some values replaced, keys written `section__key` (e.g. smtp__port=2525)."""
-    document = settings.model_dump()
+    document = settings.model_dump(context={REVEAL_SECRETS: True})
     for name, value in dotted.items():
         section, key = name.split("__", 1)
         document[section][key] = value

@@ -181,6 +181,7 @@ def send_to_data_team(subject: str, body: str, settings=None) -> None:
 
         settings = load_settings()
     smtp = settings.smtp
+    smtp.check_login_transport()
     message = EmailMessage()
     message["From"] = smtp.sender
     message["To"] = ", ".join(settings.recipients.data_team)

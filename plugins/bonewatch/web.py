@@ -5,7 +5,8 @@ this module starts nothing and touches no database.
 
     GET  /alerts/{alert_id}?t=TOKEN       the alert and a one-field form (your name)
     POST /alerts/{alert_id}/ack           t=TOKEN&by=NAME: acknowledge it
-    GET  /healthz                         "ok" when the store answers
+    GET  /healthz                         "ok" when the store answers (503 when it does not)
+    GET  /dashboard/...                   the data-quality dashboard, behind HTTP Basic (see below)
 
 The token (see `bonewatch.notify.tokens`) is signed with BONEWATCH_ACK_SECRET, expires, and names
 one alert occurrence: it acknowledges that alert and nothing else, and only once. The GET never
@@ -13,19 +14,180 @@ changes anything, because mail security scanners open every link in an email; th
 form's button is what acknowledges. Refusals (a tampered, expired or foreign token, an alert
 already acknowledged) get a clear page and a 4xx status; pages carry `no-store` and
 `no-referrer` so the token does not leak into caches or other sites.
+
+The dashboard (built by `bonewatch dashboard`) is served only when BONEWATCH_DASHBOARD_PASSWORD
+is set, to the user `[quality] dashboard_user` with that password (HTTP Basic, compared in
+constant time); without it /dashboard answers 404 with a one-line hint. The ack links need no
+login: their signed token is the credential.
+
+Every response carries the security headers (`_HEADERS` and a Content-Security-Policy); a request
+body over `MAX_BODY_BYTES` is refused with 413 before it is read (declared Content-Length or
+counted while a chunked body arrives); an unexpected error is a generic page whose reference
+points at one log line with the exception type and code locations, never its message (which can
+quote patient data) and never a traceback in the response.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime,
 # and `Request` is imported inside create_app (importing this module stays cheap).
+import base64
+import hmac
+import logging
+import secrets
+import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 from bonewatch.config import Settings
 from bonewatch.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+#: The largest request body read (bytes): the ack form is a token and a name, well under 1 KiB.
+MAX_BODY_BYTES = 8 * 1024
+DASHBOARD = "/dashboard"
+
 _HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
             "X-Content-Type-Options": "nosniff"}
+# The app's own pages: inline styles only, nothing else loads, the form posts back here.
+_CSP_PAGES = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+              "base-uri 'none'; frame-ancestors 'none'")
+# The dashboard is offline pages: inline <style> and <script> (Plotly's chart calls), scripts
+# and styles beside them (plotly.min.js), data: icons and fonts; nothing from another origin.
+_CSP_DASHBOARD = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                  "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; "
+                  "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'none'; "
+                  "frame-ancestors 'none'")
+# GX's Data Docs beside it draw their charts with vega, which compiles expressions with eval.
+_CSP_DATADOCS = _CSP_DASHBOARD.replace("'unsafe-inline';", "'unsafe-inline' 'unsafe-eval';", 1)
+
+
+class _BodyTooLarge(Exception):
+    """A chunked request body grew past MAX_BODY_BYTES while it was read."""
+
+
+class _Guard:
+    """ASGI middleware around the whole app: security headers on every response, the body size
+    limit, and a generic page (detail in the log, without the message) for any unexpected error.
+
+    In: the app, the body limit, and `page(status, title, message)` returning a Starlette Response.
+    """
+
+    def __init__(self, app, *, max_body: int, page):
+        self.app, self.max_body, self.page = app, max_body, page
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers, MutableHeaders
+
+        path = scope.get("path", "")
+        csp = (_CSP_DATADOCS if path.startswith(f"{DASHBOARD}/datadocs/") else
+               _CSP_DASHBOARD if path.startswith(f"{DASHBOARD}/") else _CSP_PAGES)
+        started = False
+
+        async def send_secured(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in _HEADERS.items():
+                    headers[name] = value
+                headers["Content-Security-Policy"] = csp
+            await send(message)
+
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and not declared.strip().isdigit():
+            return await self.page(400, "Bad request", "The request's Content-Length is not a number.")(
+                scope, receive, send_secured)
+        if declared is not None and int(declared) > self.max_body:
+            return await self._too_large(scope, receive, send_secured)
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, receive_limited, send_secured)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(scope, receive, send_secured)
+        except Exception as exc:  # noqa: BLE001 - the last line before the client: one page, one log line
+            from sqlalchemy.exc import OperationalError
+
+            reference = secrets.token_hex(4)
+            # Type and code locations only: an exception's message can quote patient data (a
+            # database error quotes its parameters), so it stays out of the log too.
+            frames = traceback.extract_tb(exc.__traceback__)
+            ours = [f for f in frames[:-1] if "bonewatch" in Path(f.filename).parts] + frames[-1:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours))
+            log.error("bonewatch serve: %s %s failed with %s (reference %s) at %s",
+                      scope.get("method"), path, type(exc).__name__, reference, where)
+            if started:
+                return   # the response is under way: the server ends the connection
+            if isinstance(exc, OperationalError):
+                response = self.page(503, "Store unavailable", "The alert store cannot be reached right now. "
+                                     f"Try again in a few minutes (reference {reference}).")
+            else:
+                response = self.page(500, "Something went wrong", "The server could not answer this request; "
+                                     f"the detail is in its log (reference {reference}).")
+            await response(scope, receive, send_secured)
+
+    async def _too_large(self, scope, receive, send):
+        response = self.page(413, "Request too large", f"A request body may be at most {self.max_body} bytes.")
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+class _Dashboard:
+    """ASGI app mounted at /dashboard: the built folder, to the configured user only.
+
+    In: the folder, the user and password (empty password: not served), `page` as for `_Guard`.
+    """
+
+    def __init__(self, folder: Path, user: str, password: str, page):
+        from fastapi.staticfiles import StaticFiles
+
+        self.folder, self.page = folder, page
+        self.user, self.password = user.encode("utf-8"), password.encode("utf-8")
+        self.static = StaticFiles(directory=folder, html=True, check_dir=False)
+
+    def authorised(self, header: str | None) -> bool:
+        scheme, _, encoded = (header or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+        except ValueError:
+            return False
+        # both compared, in constant time, whatever the first says
+        user_ok = hmac.compare_digest(user, self.user)
+        password_ok = hmac.compare_digest(password, self.password)
+        return bool(sep) and user_ok and password_ok
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import Headers
+
+        if not self.password:
+            response = self.page(404, "Dashboard not served", "The dashboard is off: set "
+                                 "BONEWATCH_DASHBOARD_PASSWORD (login user [quality] dashboard_user) and "
+                                 "restart bonewatch serve to serve it.")
+        elif not self.authorised(Headers(scope=scope).get("authorization")):
+            response = self.page(401, "Login required", "The data-quality dashboard needs its login.")
+            response.headers["WWW-Authenticate"] = 'Basic realm="bonewatch dashboard", charset="UTF-8"'
+        elif not self.folder.is_dir():
+            response = self.page(404, "No dashboard yet", "No dashboard has been built yet: run "
+                                 "`bonewatch dashboard` (or wait for the nightly run).")
+        else:
+            return await self.static(scope, receive, send)
+        await response(scope, receive, send)
 
 
 def require_secret(settings: Settings) -> str:
@@ -44,7 +206,10 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
     """The FastAPI app. In: settings (with the ack secret), optionally an engine (default: the
     configured store, which must be migrated) and a clock returning naive UTC (tests pin it)."""
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, PlainTextResponse
+    from sqlalchemy.exc import OperationalError
+    from starlette.exceptions import HTTPException
 
     from bonewatch import pipeline
     from bonewatch.notify import render
@@ -63,6 +228,23 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
         body = template.render(title=title, message=message, alert=alert, form=form, site=settings.site.name,
                                disclaimer=render.DISCLAIMER)
         return HTMLResponse(body, status_code=status, headers=_HEADERS)
+
+    def notice(status: int, title: str, message: str = "") -> HTMLResponse:
+        return page(status, title, message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        # an unknown path, a method a route does not take, ...: a short page, never JSON internals
+        titles = {404: "Not found", 405: "Method not allowed"}
+        response = notice(exc.status_code, titles.get(exc.status_code, "Request refused"),
+                          "There is nothing here for this request." if exc.status_code == 404 else "")
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Any:
+        return notice(400, "Bad request", "The request's parameters are not valid.")
 
     def load(alert_id: str) -> dict | None:
         from sqlalchemy import select
@@ -109,15 +291,18 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
                                   "there is nothing left to acknowledge.", alert)
         return alert, None
 
-    @app.get("/healthz", response_class=PlainTextResponse)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     def healthz() -> Any:
         from sqlalchemy import text
 
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except OperationalError:
+            return PlainTextResponse("store unavailable", status_code=503, headers=_HEADERS)
         return PlainTextResponse("ok", headers=_HEADERS)
 
-    @app.get("/alerts/{alert_id}", response_class=HTMLResponse)
+    @app.api_route("/alerts/{alert_id}", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def show(alert_id: str, t: str | None = None) -> Any:
         alert, refusal = check(alert_id, t)
         if refusal is not None:
@@ -145,10 +330,12 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
         return page(200, "Acknowledged", f"Alert {alert_id} acknowledged by {by}. It will not be re-sent.",
                     load(alert_id))
 
-    # the data-quality dashboard (static, built by `bonewatch dashboard`) under /dashboard
-    from bonewatch.dashboard.build import mount
+    # the data-quality dashboard (static, built by `bonewatch dashboard`), behind its login
+    from bonewatch.dashboard.build import default_folder
 
-    mount(app, settings)
+    app.mount(DASHBOARD, _Dashboard(default_folder(settings), settings.quality.dashboard_user,
+                                    settings.quality.dashboard_password, notice), name="dashboard")
+    app.add_middleware(_Guard, max_body=MAX_BODY_BYTES, page=notice)
     return app
 
 
@@ -157,4 +344,5 @@ def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # warning: no access log (the ack links carry their token in the query string); no Server header
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)

@@ -625,7 +625,7 @@ def test_every_state_change_and_send_attempt_is_audited(engine, mailbox, monkeyp
 
 def test_phi_minimal_digest_has_mrn_rule_severity_and_link_only(engine, settings, mailbox, monkeypatch, tmp_path):
     _history(settings, tmp_path)     # charts would be drawn from it in the full mode
-    monkeypatch.setenv("BONEWATCH_ACK_SECRET", "s3cret")
+    monkeypatch.setenv("BONEWATCH_ACK_SECRET", "s3cret-" + "x" * 32)   # at least 32 characters
     cfg = _config(phi_minimal=True)
     rows = _cohort()
     evidence = json.loads(rows[2]["evidence"])

@@ -62,8 +62,10 @@ def send_message(smtp: Smtp, recipient: str, subject: str, text: str, html: str 
 
     In: the SMTP settings, the recipient address, subject, plain-text and HTML bodies, and the
     stable Message-ID (angle brackets included), and the inline images of the HTML part. Raises `AlertDeliveryError` when the server
-    cannot be reached, times out, refuses the sender or the recipient, or rejects the data.
+    cannot be reached, times out, refuses the sender or the recipient, or rejects the data;
+    `ConfigError` (before connecting) when it would log in without TLS and that is not allowed.
     """
+    smtp.check_login_transport()       # never a password in plain text on the wire
     msg = build_message(smtp.sender, recipient, subject, text, html, message_id, images)
     envelope_from = parseaddr(smtp.sender)[1]   # the sender may carry a display name
     where = f"{smtp.host}:{smtp.port}"
