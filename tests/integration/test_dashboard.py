@@ -210,7 +210,7 @@ def test_unit_switch_and_bad_rows_reach_the_data_team_and_the_dashboard(engine, 
 
         page = session.open(out / "quarantine.html")
         reasons_shown = page.locator("#quarantine-reasons").inner_text()
-        assert "impossible birth date '…'" in reasons_shown and "unparseable value '…'" in reasons_shown
+        assert "impossible birth date (not a calendar" in reasons_shown and "unparseable value «…»" in reasons_shown
 
         page = session.open(out / "validations.html")
         runs = page.locator("#validation-runs tbody tr")
