@@ -12,10 +12,9 @@ data-team emails, logs) shows `public_reason(reason)`, where each quoted part is
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from zoneinfo import ZoneInfo
-
-import re
 
 import numpy as np
 import pandas as pd
