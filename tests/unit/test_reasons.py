@@ -126,3 +126,17 @@ def test_hl7_message_type_and_version_are_quoted_for_the_operator(settings, tmp_
     reasons = _hl7_reasons("DOE JOHN", settings, tmp_path)
     assert "not an ORU^R01 message («DOE JOHN»)" in reasons and "unsupported HL7 version «DOE JOHN»" in reasons
     assert {public_reason(r) for r in reasons} == {"not an ORU^R01 message («…»)", "unsupported HL7 version «…»"}
+
+
+def test_dashboard_codes_mask_local_codes_a_name_or_an_mrn_could_hide_in(tmp_path):
+    """The codes page shows LOINC codes and the configured ones in full; every other local code is
+    masked, so a name or an MRN sent in a code field never reaches the dashboard."""
+    from bonewatch.ingest.codes import public_codes
+
+    config = tmp_path / "bonewatch.toml"
+    config.write_text('[ingest]\nignore_codes = ["GLU-POC"]\n[ingest.code_map]\nCRE-LOCAL = "2160-0"\n', "utf-8")
+    frame = pd.DataFrame({"code": ["718-7", "CRE-LOCAL", "GLU-POC", "ZZPHINAME", "99887766", "MRN:99887766",
+                                   "Medication:1234567", "Condition:C90.0", "1234-5"]})
+    shown = public_codes(frame, load_settings(config))["code"].tolist()
+    assert shown == ["718-7", "CRE-LOCAL", "GLU-POC", "•••••••••", "••••••••", "•••:••••••••",
+                     "Medication:•••••••", "Condition:•••.•", "••••-•"]      # 1234-5: a wrong check digit
