@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -201,7 +201,6 @@ def test_the_planted_feeds_were_read_quarantined_and_alerted_on(scanned):
 
 
 def test_no_phi_in_the_logs(scanned):
-    logs = "\n".join(scanned["logs"])
     assert len(scanned["logs"]) > 10
     bad = [line for line in scanned["logs"] if hits(line, NEEDLES + scanned["pids"])]
     assert bad == [], bad[:5]
