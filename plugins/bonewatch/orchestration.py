@@ -21,6 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from airflow.sdk import Asset
+from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,12 @@ def monitor_nights(events: Iterable[Any], conf: Mapping[str, Any] | None,
     return sorted(nights)
 
 
+class DeliveriesUnreadable(AirflowFailException):
+    """A night's files or sources could not be read (`failed_deliveries` names them); fails the run
+    without a retry. Its message is bonewatch's own (file names, lines, what was wrong), so the data
+    team's email quotes it."""
+
+
 def failed_deliveries(summary: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> str | None:
     """One line naming the unreadable files (or unreachable sources) of one or several ingest
     summaries, or None when all were read."""
@@ -212,13 +219,27 @@ def _log_pointer(ti: Any, dag_id: str, task_id: str, run_id: str, try_number: An
     return f"{where}: {url}" if url.startswith(("http://", "https://")) else where
 
 
+def _error_line(error: BaseException | None) -> str:
+    """The failure in the data team's email: bonewatch's own errors (`BonewatchError`,
+    `DeliveriesUnreadable`: their messages name files, lines and settings, never patient data) with
+    their message; any other exception by its type only."""
+    from bonewatch.errors import BonewatchError
+
+    if error is None:
+        return "unknown"
+    if isinstance(error, BonewatchError | DeliveriesUnreadable):
+        text = " ".join(str(error).split())
+        return f"{type(error).__name__}: {text if len(text) <= 500 else text[:499] + '…'}"
+    return f"{type(error).__name__} (the message is in the log)"
+
+
 def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
     """Task `on_failure_callback` (final failure, after the retries): tell the data team.
 
     The email carries the DAG, the task, the run, the try, the night and the exception's *type*
-    with a pointer to the task log, never the exception's message: a database error quotes the
-    SQL parameters (patient ids, values) and a parser error the line it read. The message and the
-    traceback are in the task log, where the operator reads them.
+    with a pointer to the task log, never the message of an exception bonewatch did not write
+    (`_error_line`): a database error quotes the SQL parameters (patient ids, values) and a
+    library's parser error the line it read. The message and the traceback are in the task log.
 
     Runs in the task's process. Never raises: a broken mail server must not hide the original
     error in the task log.
@@ -237,7 +258,7 @@ def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
         f"try:      {try_number}",
         f"logical:  {context.get('logical_date')}",
         f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
-        f"error:    {type(error).__name__ if error is not None else 'unknown'} (the message is in the log)",
+        f"error:    {_error_line(error)}",
         f"log:      {_log_pointer(ti, dag_id, task_id, run_id, try_number)}",
         "",
         "Nurses were not notified of this failure. Tonight's alerts may be late or missing until "

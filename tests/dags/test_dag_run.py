@@ -252,6 +252,11 @@ def test_failure_callback_emails_the_data_team_only(mailbox):
     assert "http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts" in text
     for phi in ("ZZPHINAME", "99887766", "1950-02-30", "duplicate key"):
         assert phi not in text and phi not in message["Subject"]
+    # bonewatch's own errors name files and lines, never patient data: their message is kept
+    orchestration.email_data_team_on_failure({**context, "exception": orchestration.DeliveriesUnreadable(
+        "1 file(s) or source(s) could not be read: cannot read bad.csv, line 3: not UTF-8 text")})
+    assert "DeliveriesUnreadable: 1 file(s) or source(s) could not be read: cannot read bad.csv, line 3" in \
+        _text(mailbox.messages[1])
 
 
 def test_run_callback_emails_late_runs_but_not_task_failures_twice(mailbox):
