@@ -90,12 +90,10 @@ with DAG(
     @task(retries=0)
     def check_deliveries(summaries: list[dict]) -> None:
         """Fail the run, naming the files, when a delivery could not be read at all."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from bonewatch.orchestration import failed_deliveries
+        from bonewatch.orchestration import DeliveriesUnreadable, failed_deliveries
 
         if problem := failed_deliveries(summaries):
-            raise AirflowFailException(problem)
+            raise DeliveriesUnreadable(problem)
 
     check_deliveries([
         ingest.override(task_id=f"ingest_{feed}", outlets=[FEED_ASSETS[feed]])(feed) for feed in FEEDS

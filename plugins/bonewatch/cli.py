@@ -187,7 +187,6 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
         for line in detected_issue_lines(rows):
             click.echo(line)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} alert(s)")
@@ -196,7 +195,16 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
     for row in rows:
         table.add_row(row["alert_id"], row["patient_id"], row["rule"], row["severity"], str(row["raised_on"]),
                       row["status"], str(row["evidence"].get("summary", "")))
-    Console(width=160).print(table)
+    _console(width=160).print(table)
+
+
+def _console(width: int | None = None):
+    """The console every table of stored values is printed with: no markup and no highlighting,
+    so a value the feeds sent (a patient id holding `[/bold]`) prints as sent and cannot break the
+    table or style it."""
+    from rich.console import Console
+
+    return Console(width=width, markup=False, highlight=False, emoji=False)
 
 
 @cli.command()
@@ -404,7 +412,6 @@ def codes(ctx: click.Context, everything: bool, fmt: str) -> None:
     if frame.empty:
         click.echo("no unmapped local codes" if not everything else "no skipped codes")
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("code", "status", "rows", "feeds", "first seen", "last seen", "collected")
@@ -412,7 +419,53 @@ def codes(ctx: click.Context, everything: bool, fmt: str) -> None:
         status = f"mapped: {row.analyte}" if row.status == "mapped" else row.status
         table.add_row(row.code, status, str(row.rows), row.feeds, str(row.first_seen), str(row.last_seen),
                       f"{row.first_collected or ''} .. {row.last_collected or ''}")
-    Console(markup=False, highlight=False).print(table)
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--night", type=DATE, help="Only the files of this night (the ledger's partition).")
+@click.option("--feed", help="Only this feed (labs, events, hl7, fhir, or a SQL source's feed).")
+@click.option("--limit", type=click.IntRange(1), default=200, show_default=True, help="At most this many rows.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def quarantine(ctx: click.Context, night: date | None, feed: str | None, limit: int, fmt: str) -> None:
+    """List quarantined rows: feed, file, line and the full reason, with the value it quotes.
+
+    This is the clinical channel: the reason may quote what the feed sent (a code, a value, a
+    date), which can be patient data, so it is shown here and nowhere else (the dashboard and the
+    data-team emails show each quoted value as «…»). The row as sent stays in the store.
+    """
+    from sqlalchemy import select
+
+    from bonewatch import pipeline
+    from bonewatch.store.tables import deliveries
+    from bonewatch.store.tables import quarantine as quarantined
+
+    q, d = quarantined.c, deliveries.c
+    query = (select(d.partition, q.feed, q.file_name, q.source_line, q.reason)
+             .select_from(quarantined.join(deliveries, d.delivery_id == q.delivery_id))
+             .order_by(d.partition.desc(), q.file_name, q.source_line).limit(limit))
+    if night is not None:
+        query = query.where(d.partition == night.isoformat())
+    if feed:
+        query = query.where(q.feed == feed)
+    with pipeline.engine_for(_settings(ctx)).connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query)]
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps({"night": row["partition"], "feed": row["feed"], "file": row["file_name"],
+                                   "line": row["source_line"], "reason": row["reason"]}, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("no quarantined rows")
+        return
+    from rich.table import Table
+
+    table = Table("night", "feed", "file", "line", "reason", title=f"{len(rows)} quarantined row(s)")
+    for row in rows:
+        table.add_row(str(row["partition"] or ""), row["feed"], row["file_name"], str(row["source_line"]),
+                      row["reason"])
+    _console(width=200).print(table)
 
 
 @cli.command("rules")
@@ -447,8 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an unexpected failure still gets one line, unless --debug
         if debug:
             raise
-        click.echo(f"bonewatch: unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                   " (run with --debug for details)", err=True)
+        # its type only: the message of a database or library error can quote the values it was
+        # given (patient ids, feed text), and this line ends up in cron mails and task logs
+        click.echo(f"bonewatch: unexpected {type(exc).__name__} (run with --debug for details)", err=True)
         sys.exit(1)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from airflow.sdk import Asset
+from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,12 @@ def monitor_nights(events: Iterable[Any], conf: Mapping[str, Any] | None,
     return sorted(nights)
 
 
+class DeliveriesUnreadable(AirflowFailException):
+    """A night's files or sources could not be read (`failed_deliveries` names them); fails the run
+    without a retry. Its message is bonewatch's own (file names, lines, what was wrong), so the data
+    team's email quotes it."""
+
+
 def failed_deliveries(summary: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> str | None:
     """One line naming the unreadable files (or unreachable sources) of one or several ingest
     summaries, or None when all were read."""
@@ -195,13 +202,45 @@ def send_to_data_team(subject: str, body: str, settings=None) -> None:
         client.send_message(message, to_addrs=list(settings.recipients.data_team))
 
 
-def _one_line(value: Any, limit: int = 500) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _partition_of(conf: Any) -> str:
+    """The night a run's conf names, or "-": the rest of a conf is never shown (an operator may
+    have put anything in it)."""
+    value = conf.get(PARTITION_KEY) if isinstance(conf, Mapping) else None
+    return str(value)[:10] if value else "-"
+
+
+def _log_pointer(ti: Any, dag_id: str, task_id: str, run_id: str, try_number: Any) -> str:
+    """Where the operator finds the failure's message and traceback: the task instance's log URL
+    when Airflow can build it, and always the coordinates to find it by hand."""
+    where = f"Airflow task log of {dag_id} / run {run_id} / task {task_id} / try {try_number}"
+    try:
+        url = str(getattr(ti, "log_url", "") or "")
+    except Exception:  # noqa: BLE001 - the URL needs Airflow's configuration; the coordinates suffice
+        url = ""
+    return f"{where}: {url}" if url.startswith(("http://", "https://")) else where
+
+
+def _error_line(error: BaseException | None) -> str:
+    """The failure in the data team's email: bonewatch's own errors (`BonewatchError`,
+    `DeliveriesUnreadable`: their messages name files, lines and settings, never patient data) with
+    their message; any other exception by its type only."""
+    from bonewatch.errors import BonewatchError
+
+    if error is None:
+        return "unknown"
+    if isinstance(error, BonewatchError | DeliveriesUnreadable):
+        text = " ".join(str(error).split())
+        return f"{type(error).__name__}: {text if len(text) <= 500 else text[:499] + '…'}"
+    return f"{type(error).__name__} (the message is in the log)"
 
 
 def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
     """Task `on_failure_callback` (final failure, after the retries): tell the data team.
+
+    The email carries the DAG, the task, the run, the try, the night and the exception's *type*
+    with a pointer to the task log, never the message of an exception bonewatch did not write
+    (`_error_line`): a database error quotes the SQL parameters (patient ids, values) and a
+    library's parser error the line it read. The message and the traceback are in the task log.
 
     Runs in the task's process. Never raises: a broken mail server must not hide the original
     error in the task log.
@@ -211,22 +250,24 @@ def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
     dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
     task_id = getattr(ti, "task_id", "?")
     run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", "?")
+    try_number = getattr(ti, "try_number", "?")
     error = context.get("exception")
     lines = [
         f"The Airflow task {dag_id}.{task_id} failed (after any retries it has).",
         "",
         f"run:      {run_id}",
-        f"try:      {getattr(ti, 'try_number', '?')}",
+        f"try:      {try_number}",
         f"logical:  {context.get('logical_date')}",
-        f"conf:     {_one_line(getattr(dag_run, 'conf', None) or {})}",
-        f"error:    {_one_line(type(error).__name__ + ': ' + str(error)) if error else 'unknown'}",
+        f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
+        f"error:    {_error_line(error)}",
+        f"log:      {_log_pointer(ti, dag_id, task_id, run_id, try_number)}",
         "",
         "Nurses were not notified of this failure. Tonight's alerts may be late or missing until "
-        "the run is repaired and cleared; see the task log in Airflow.",
+        "the run is repaired and cleared.",
     ]
     try:
         send_to_data_team(f"[bonewatch] FAILED {dag_id}.{task_id} ({run_id})", "\n".join(lines))
-    except Exception:  # noqa: BLE001 - a callback must not raise
+    except Exception:  # noqa: BLE001 - a callback must not raise (an SMTP error quotes no patient data)
         log.exception("could not email the data team about the failure of %s.%s", dag_id, task_id)
 
 
@@ -250,7 +291,7 @@ def email_data_team_on_run_failure(context: Mapping[str, Any]) -> None:
     lines = [
         f"The Airflow run {dag_id} / {run_id} {what}; its unfinished tasks were stopped.",
         f"started:  {getattr(dag_run, 'start_date', '?')}",
-        f"conf:     {_one_line(getattr(dag_run, 'conf', None) or {})}",
+        f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
         "",
         "Nurses were not notified of this problem. Tonight's alerts may be late or missing until "
         "the run is repaired and cleared; check the scheduler, the workers and the task logs.",

@@ -230,18 +230,33 @@ def test_failed_deliveries_names_the_files():
 
 
 def test_failure_callback_emails_the_data_team_only(mailbox):
+    """The data team hears which task failed, the exception's type and where its log is, never the
+    exception's message: a database error quotes its SQL parameters (patient data)."""
+    error = ValueError("(psycopg.errors.UniqueViolation) duplicate key: Key (patient_id)=(ZZPHINAME 99887766) "
+                       "[parameters: {'patient_id': 'MRN 99887766', 'value': '1950-02-30'}]")
     context = {
         "task_instance": SimpleNamespace(dag_id="bonewatch_monitor", task_id="send_alerts",
-                                         run_id="asset_triggered__x", try_number=4),
-        "dag_run": SimpleNamespace(run_id="asset_triggered__x", conf={}),
+                                         run_id="asset_triggered__x", try_number=4,
+                                         log_url="http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts"),
+        "dag_run": SimpleNamespace(run_id="asset_triggered__x",
+                                   conf={"partition": "2025-03-10", "note": "ZZPHINAME"}),
         "logical_date": None,
-        "exception": ConnectionRefusedError("SMTP server down"),
+        "exception": error,
     }
     orchestration.email_data_team_on_failure(context)
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     (message,) = mailbox.messages
+    text = _text(message)
     assert "bonewatch_monitor.send_alerts" in message["Subject"]
-    assert "SMTP server down" in _text(message)
+    assert "ValueError" in text and "try:      4" in text and "2025-03-10" in text
+    assert "http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts" in text
+    for phi in ("ZZPHINAME", "99887766", "1950-02-30", "duplicate key"):
+        assert phi not in text and phi not in message["Subject"]
+    # bonewatch's own errors name files and lines, never patient data: their message is kept
+    orchestration.email_data_team_on_failure({**context, "exception": orchestration.DeliveriesUnreadable(
+        "1 file(s) or source(s) could not be read: cannot read bad.csv, line 3: not UTF-8 text")})
+    assert "DeliveriesUnreadable: 1 file(s) or source(s) could not be read: cannot read bad.csv, line 3" in \
+        _text(mailbox.messages[1])
 
 
 def test_run_callback_emails_late_runs_but_not_task_failures_twice(mailbox):

@@ -92,7 +92,7 @@ def test_malformed_and_missing_codes_are_quarantined_without_quoting_them(engine
     assert (summary.accepted, summary.not_monitored, summary.quarantined) == (0, 0, 2)
     with engine.connect() as conn:
         reasons = sorted(conn.execute(select(quarantine.c.reason)).scalars())
-    assert reasons == ["malformed code (not a code system's code)", "missing code"]
+    assert reasons == ["malformed code (not shaped like a code)", "missing code"]
     assert not any("DOE" in r for r in reasons)
 
 

@@ -495,7 +495,7 @@ def _hl7(code: str) -> bytes:
 
 PINNED = {
     # a date with a leading minus: a year before 1, beyond pandas' timestamps (OutOfBoundsDatetime)
-    "minus_year.csv": (_LAB_HEADER + _GOOD_LAB + "000101,G2,2160-0,0.9,mg/dL,-1,final\n", "date out of range '-1'"),
+    "minus_year.csv": (_LAB_HEADER + _GOOD_LAB + "000101,G2,2160-0,0.9,mg/dL,-1,final\n", "date out of range «-1»"),
     "minus_year.events.csv": (_EVENT_HEADER + "000101,sex,2025-01-01,F,\n000101,sex,-0001-01-01,F,\n",
                               "date out of range"),
     "minus_year.json": (_bundle(_observation("G1"), _observation("G2", when="-0")), "date out of range"),

@@ -47,8 +47,8 @@ def test_good_rows_kept_bad_rows_quarantined_with_reasons(engine, settings, tmp_
         reasons = dict(conn.execute(select(quarantine.c.source_line, quarantine.c.reason)).all())
         rows = {r.result_id: r for r in conn.execute(select(lab_results))}
     assert reasons == {
-        4: "unparseable value 'abc'", 5: "impossible date '2025-02-30T08:00:00'",
-        6: "unit 'U/L' cannot be converted for creatinine", 9: "expected 7 fields, found 8", 12: "missing code"}
+        4: "unparseable value «abc»", 5: "impossible date «2025-02-30T08:00:00»",
+        6: "unit «U/L» cannot be converted for creatinine", 9: "expected 7 fields, found 8", 12: "missing code"}
     assert rows["r6"].value == pytest.approx(0.9) and rows["r6"].orig_unit == "µmol/L"
     assert rows["r6"].orig_value == "79.56" and rows["r6"].status == "final"
     assert str(rows["r6"].collected_at).startswith("2025-01-04 06:00")   # +02:00 stored as UTC
@@ -88,8 +88,8 @@ def test_events_are_parsed_and_quarantined(engine, settings, tmp_path):
         reasons = sorted(conn.execute(select(quarantine.c.reason)).scalars())
         sex = conn.execute(select(clinical_events.c.value).where(clinical_events.c.event_type == "sex")).scalar()
     assert sex == "F"
-    assert reasons == ["implausible weight_kg value (outside 1-400)", "unknown event type 'teleport'",
-                       "unknown response value 'great'"]
+    assert reasons == ["implausible weight_kg value (outside 1-400)", "unknown event type «teleport»",
+                       "unknown response value «great»"]
 
 
 @pytest.mark.parametrize(("content", "line", "reason"), [

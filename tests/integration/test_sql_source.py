@@ -92,7 +92,7 @@ def test_second_night_reads_only_new_rows(lis, engine):
     # Only the three new rows were read on the second night: the first three were not read again.
     assert [tuple(r) for r in ledger] == [("2025-03-01", "lis_db", "sql", 3), ("2025-03-02", "lis_db", "sql", 3)]
     assert tuple(mark) == ("6", "int")
-    assert "unparseable value 'abc'" in reason
+    assert "unparseable value «abc»" in reason
     results = _results(engine)
     assert results["R1"] == ("000123", "creatinine", 1.1, "corrected")
     assert set(results) == {"R1", "R2", "R3", "R4"}

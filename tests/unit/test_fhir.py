@@ -229,7 +229,7 @@ def test_bundle_round_trip_gives_the_csv_values(tmp_path, settings):
     got = canonical_events(frames(items, "events"), settings)
     want = canonical_events([csv_frame(events, feeds.EVENT_COLUMNS)], settings)
     assert got == want
-    assert len(got[0]) == len(events) - 1 and got[1] == ["unknown response value 'XYZ'"]
+    assert len(got[0]) == len(events) - 1 and got[1] == ["unknown response value «XYZ»"]
     therapy = [r for r in rows(items, "events") if r[2] == "myeloma_therapy_start"]
     assert [(r[4], r[5]) for r in therapy] == [("bortezomib", "administration"), ("VRd", "second line")]
 

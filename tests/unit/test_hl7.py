@@ -184,8 +184,8 @@ def test_versions_2_3_to_2_5_1_accepted_and_2_1_quarantined(tmp_path, settings):
                                       good("4", version="2.4")])
     frame, bad, _ = read(path, settings)
     assert list(frame.index) == [4, 6, 16, 18, 22, 24]
-    assert bad == [(10, "OBX|1|NM|2160-0^^LN||1.2|mg/dL|||||F|||20250115083000", "unsupported HL7 version '2.1'"),
-                   (12, "OBX|2|NM|6768-6^^LN||110|U/L|||||F", "unsupported HL7 version '2.1'")]
+    assert bad == [(10, "OBX|1|NM|2160-0^^LN||1.2|mg/dL|||||F|||20250115083000", "unsupported HL7 version «2.1»"),
+                   (12, "OBX|2|NM|6768-6^^LN||110|U/L|||||F", "unsupported HL7 version «2.1»")]
 
 
 def test_structured_numeric_values(tmp_path, settings):
@@ -200,7 +200,7 @@ def test_structured_numeric_values(tmp_path, settings):
     assert list(frame["value"]) == ["<5", "5", ">=1000", "7", "1-5", "42", "12"]
     parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
     assert list(parsed.rows["censor"]) == ["<", "", ">", "", "", ""]
-    assert list(parsed.rejected["reason"]) == ["unparseable value '1-5'"]
+    assert list(parsed.rejected["reason"]) == ["unparseable value «1-5»"]
 
 
 def test_obx14_is_preferred_over_obr7_and_timestamps_convert(tmp_path, settings):
@@ -215,7 +215,7 @@ def test_obx14_is_preferred_over_obr7_and_timestamps_convert(tmp_path, settings)
     parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
     assert list(parsed.rows["collected_at"].astype(str)) == ["2025-01-16 08:15:00", "2025-01-15 13:30:00",
                                                              "2025-01-17 00:00:00"]
-    assert list(parsed.rejected["reason"]) == ["impossible date '20250230'"]
+    assert list(parsed.rejected["reason"]) == ["impossible date «20250230»"]
 
 
 @pytest.mark.parametrize(("sent", "iso"), [
@@ -259,7 +259,7 @@ def test_statuses(tmp_path, settings):
     assert list(frame["status"]) == ["F", "C", "P", "X", "cancelled", "cancelled", "preliminary", "preliminary",
                                      "preliminary", "f", "Q"]
     parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
-    assert list(parsed.rejected["reason"]) == ["unknown status 'Q'"]
+    assert list(parsed.rejected["reason"]) == ["unknown status «Q»"]
 
 
 def test_several_orders_and_patients_in_one_message(tmp_path, settings):
@@ -308,7 +308,7 @@ def test_bad_messages_and_segments_are_quarantined_and_good_ones_kept(tmp_path, 
         (9, "message at line 7 has no PID segment"),
         (13, "PID-3 (patient id) is empty"),
         (16, "OBX without an OBR before it"),
-        (21, "not an ORU^R01 message (ADT^A01)"),
+        (21, "not an ORU^R01 message («ADT^A01»)"),
     ]
     assert reasons[4][0] == 24 and reasons[4][1].startswith("the HL7 message cannot be parsed (")
     assert len(reasons) == 5
@@ -318,7 +318,7 @@ def test_bad_messages_and_segments_are_quarantined_and_good_ones_kept(tmp_path, 
     parsed = feeds.parse_labs(frame, settings, "d", RECEIVED)
     assert list(parsed.rejected["line"]) == [18, 36]
     assert list(parsed.rejected["reason"]) == ["missing result_id",
-                                               "unit '' cannot be converted for creatinine"]  # the cut-off OBX
+                                               "unit «» cannot be converted for creatinine"]  # the cut-off OBX
     assert len(parsed.rows) == 5
 
 
@@ -595,7 +595,7 @@ def test_demographics_that_cannot_be_used_are_bad_rows(tmp_path, settings):
     _, events, bad, _ = read_all(path, settings)
     assert list(events.itertuples(name=None)) == [(6, "000456", "birth_date", "2025-01-15T09:00:00", "1955-04-02", "")]
     assert [(line, reason) for line, _, reason in bad] == [(2, "PID-3 (patient id) is empty"),
-                                                           (4, "unsupported HL7 version '2.1'")]
+                                                           (4, "unsupported HL7 version «2.1»")]
 
 
 def test_demographic_events_chunked_one_row_a_line_a_frame(tmp_path, settings):

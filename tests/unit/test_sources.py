@@ -53,4 +53,4 @@ def test_unit_aliases_from_the_configuration_convert(tmp_path):
     parsed = feeds.parse_labs(frame, settings, "d1", datetime(2025, 3, 2))
     assert parsed.rows["value"].round(4).tolist() == [1.0, round(1 / 88.4, 4)]
     assert parsed.rows["orig_unit"].tolist() == ["mcmol/L", "mcmol/L"]     # as sent, kept beside
-    assert parsed.rejected["reason"].tolist() == ["unit 'parsecs' cannot be converted for creatinine"]
+    assert parsed.rejected["reason"].tolist() == ["unit «parsecs» cannot be converted for creatinine"]

@@ -60,7 +60,8 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         nights: list[date] = []
         feed_rows = night_rows = pd.DataFrame()
         runs: list[dict] = []
-        codes = code_list.load(conn, settings, everything=True)
+        # a local code may be a name or an MRN sent in a code field: masked (`bonewatch codes` shows it)
+        codes = code_list.public_codes(code_list.load(conn, settings, everything=True), settings)
         if last is not None:
             first = last - timedelta(days=settings.quality.window_nights - 1)
             nights = [first + timedelta(days=i) for i in range(settings.quality.window_nights)]

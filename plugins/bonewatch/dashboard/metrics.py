@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
+from bonewatch.ingest.parsing import public_reason
 from bonewatch.units import ANALYTES, factor
 
 #: The analytes whose value distributions are tracked night by night (ALP, SCr, Ca).
@@ -119,36 +120,6 @@ def duration_text(delta: timedelta) -> str:
     minutes = int(round(delta.total_seconds() / 60))
     hours, minutes = divmod(abs(minutes), 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
-
-
-# ---- quarantine reasons without patient data ---------------------------------------------------
-
-_QUOTED = re.compile(r"'[^']*'")
-_LOINC_SHAPE = re.compile(r"^\d{1,7}-\d$")
-# Reasons whose quoted part names vocabulary (a code, a unit, a status, an event type) keep it,
-# which is what the data team needs to fix the mapping; every other quoted part (a date, a value,
-# a birth date) is replaced, since it may be patient data.
-_VOCABULARY_REASON = re.compile(r"^(unknown [a-z_ ]+|unit) '")
-
-
-def safe_reason(reason: str) -> str:
-    """A quarantine reason fit for the dashboard and the data-team email.
-
-    Quoted literals are kept only in vocabulary reasons ("unknown code '99999-9'", "unit 'g/dL'
-    cannot be converted for creatinine") and only when they cannot be an identifier (no digits,
-    or LOINC-shaped); everything else quoted becomes '…'. So "impossible birth date '1950-02-30'"
-    -> "impossible birth date '…'".
-    """
-    reason = " ".join(str(reason).split())[:200]
-    keep = bool(_VOCABULARY_REASON.match(reason))
-
-    def replace(match: re.Match) -> str:
-        literal = match.group(0)[1:-1]
-        if keep and (not re.search(r"\d", literal) or _LOINC_SHAPE.match(literal)) and len(literal) <= 24:
-            return match.group(0)
-        return "'…'"
-
-    return _QUOTED.sub(replace, reason)
 
 
 # ---- units ---------------------------------------------------------------------------------------
@@ -268,7 +239,8 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
       arrived_at (naive UTC), rows_total, rows_accepted, rows_quarantined, rows_not_monitored
       (optional: results skipped for their code, which are neither accepted nor bad),
       expectations_passed, expectations_failed, units (JSON).
-    - `reasons`: feed, reason, rows (the night's quarantine, raw reasons).
+    - `reasons`: feed, reason, rows (the night's quarantine, raw reasons; the row keeps their
+      public form, `bonewatch.ingest.parsing.public_reason`, summed over the values they quoted).
     - `values`: feed, analyte, value: accepted, uncensored key-analyte values of the night.
     - `unit_history`: feed -> {analyte: {unit: rows}} over the history window.
     - `p50_history`: feed -> {analyte: [previous nights' medians]}.
@@ -307,7 +279,7 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
         feed_reasons: dict[str, int] = {}
         if len(reasons):
             for reason, rows in reasons.loc[reasons["feed"] == feed, ["reason", "rows"]].itertuples(index=False):
-                key = safe_reason(reason)
+                key = public_reason(reason)
                 feed_reasons[key] = feed_reasons.get(key, 0) + int(rows)
         feed_values = values[values["feed"] == feed] if len(values) else pd.DataFrame(columns=["analyte", "value"])
         dists = distributions(feed_values, p50_history.get(feed, {})) if len(mine) else {}

@@ -25,6 +25,7 @@ from bonewatch.dashboard.metrics import (
     Thresholds,
     duration_text,
 )
+from bonewatch.ingest.parsing import public_reason
 
 RAG_COLOURS = {"green": "#15803d", "amber": "#d97706", "red": "#b91c1c", "grey": "#cbd5e1"}
 RAG_SYMBOLS = {"green": "✓", "amber": "!", "red": "✗", "grey": "·"}
@@ -409,7 +410,11 @@ def quarantine_tables(data: DashboardData) -> tuple[list[dict], list[dict]]:
     totals: dict[tuple[str, str], dict] = {}
     nightly = []
     for r in data.feed_rows.sort_values("night", ascending=False).itertuples(index=False) if len(data.feed_rows) else []:
-        reasons = r.quarantine_reasons or {}
+        # public again: a night recorded by an older bonewatch kept some quoted text
+        reasons: dict[str, int] = {}
+        for reason, n in (r.quarantine_reasons or {}).items():
+            reasons[public_reason(reason)] = reasons.get(public_reason(reason), 0) + int(n)
+        reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
         for reason, n in reasons.items():
             slot = totals.setdefault((r.feed, reason), {"feed": r.feed, "page": feed_page_name(r.feed),
                                                         "reason": reason, "rows": 0, "nights": 0, "last": r.night})

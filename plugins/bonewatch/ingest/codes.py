@@ -4,17 +4,23 @@ A valid LOINC of an analyte bonewatch does not monitor is "not monitored"; a loc
 from `[ingest.code_map]` is "unmapped" (the data team maps it, or silences it with `[ingest]
 ignore_codes`). Deliveries record what they skipped (`delivery_codes`); this module reads it back
 classified by the configuration in force now, so a code mapped since drops off the list.
-Codes are never patient data, but a hostile feed can put anything in a code field: a value that
-is not shaped like a code was quarantined at ingest and never reaches this list.
+A code field is feed text all the same: a value not shaped like a code was quarantined at ingest
+and never reaches this list, but a surname or an MRN *is* shaped like a local code (CREA, 44556677).
+So the full list is for the command line (`bonewatch codes`), and the dashboard shows
+`public_codes`: LOINC codes (a valid check digit) and the codes the hospital's configuration names
+in full, every other local code masked ("CRE-LOCAL" -> "•••-•••••").
 """
 
 from __future__ import annotations
+
+import re
 
 import pandas as pd
 from sqlalchemy import Connection, func, select
 
 from bonewatch.config import Settings
 from bonewatch.store.tables import deliveries, delivery_codes
+from bonewatch.units import is_loinc
 
 #: codes of resources other than results (FHIR Condition, Procedure, MedicationAdministration) that
 #: bonewatch does not follow: stored as "<kind>:<code>", never mapped by the lab code map
@@ -61,3 +67,22 @@ def load(conn: Connection, settings: Settings, *, everything: bool = False) -> p
     order = merged["status"].map(STATUS_ORDER)
     merged = merged.assign(_o=order, _r=-merged["rows"]).sort_values(["_o", "_r", "code"]).drop(columns=["_o", "_r"])
     return merged[COLUMNS].reset_index(drop=True)
+
+
+def public_code(code: str, known: set[str]) -> str:
+    """The form of a code fit for the dashboard: in full when it is a valid LOINC or named by the
+    configuration (`known`), else each letter and digit masked ("Medication:" and the like, which
+    bonewatch adds, stay)."""
+    prefix = next((p for p in RESOURCE_PREFIXES if code.startswith(p)), "")
+    bare = code[len(prefix):]
+    if is_loinc(bare) or code in known or bare in known:
+        return code
+    return prefix + re.sub(r"[^\W_]", "•", bare)
+
+
+def public_codes(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    """`load`'s frame with each code in its public form (`public_code`)."""
+    if frame.empty:
+        return frame
+    known = set(settings.ingest.code_map) | set(settings.ingest.code_map.values()) | set(settings.ingest.ignore_codes)
+    return frame.assign(code=[public_code(str(c), known) for c in frame["code"]])

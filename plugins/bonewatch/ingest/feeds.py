@@ -19,6 +19,7 @@ from bonewatch.ingest.parsing import (
     parse_instants,
     parse_numbers,
     parse_statuses,
+    quote_series,
 )
 from bonewatch.store.tables import lab_results, patient_refs
 from bonewatch.units import ANALYTES, LOINC, factor, is_loinc, normalise_unit
@@ -174,7 +175,7 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
         collected_at, collected_date, r_date = collected_at[keep], collected_date[keep], r_date[keep]
     r_code = pd.Series("", index=frame.index, dtype="object")
     r_code[(code_kind == "missing").to_numpy()] = "missing code"
-    r_code[(code_kind == "malformed").to_numpy()] = "malformed code (not a code system's code)"
+    r_code[(code_kind == "malformed").to_numpy()] = "malformed code (not shaped like a code)"
     number, censor, r_value = parse_numbers(frame["value"])
     aliases = {normalise_unit(k): v for k, v in settings.ingest.unit_aliases.items()}
     # the unit as sent, unless the hospital configured an alias for its spelling
@@ -182,7 +183,7 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     factor = _factors(analyte, unit_read)
     r_unit = pd.Series("", index=frame.index, dtype="object")
     no_unit = factor.isna() & analyte.notna()
-    r_unit[no_unit] = ("unit '" + frame["unit"][no_unit].str.slice(0, 16) + "' cannot be converted for "
+    r_unit[no_unit] = ("unit " + quote_series(frame["unit"][no_unit], 16) + " cannot be converted for "
                        + analyte[no_unit].astype("string"))
     status, r_status = parse_statuses(frame["status"])
     r_ids = pd.Series("", index=frame.index, dtype="object")
@@ -247,7 +248,7 @@ def _event_values(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]
         mapped = lower[rows].map(mapping)
         bad = mapped.isna() & ~((lower[rows] == "") & allow_empty)
         out[rows] = mapped.fillna(value[rows])
-        reasons[bad[bad].index] = f"unknown {kind} value '" + value[bad[bad].index].str.slice(0, 32) + "'"
+        reasons[bad[bad].index] = f"unknown {kind} value " + quote_series(value[bad[bad].index], 32)
 
     vocabulary("sex", SEXES)
     vocabulary("response", RESPONSES)
@@ -265,13 +266,14 @@ def _event_values(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]
         parsed = pd.to_datetime(value[births], format="ISO8601", errors="coerce")
         bad = parsed.isna() | (parsed < pd.Timestamp("1900-01-01"))
         out[births] = parsed.dt.strftime("%Y-%m-%d").fillna(value[births])
-        reasons[bad[bad].index] = "impossible birth date '" + value[bad[bad].index].str.slice(0, 32) + "'"
+        # not quoted, not even for the operator: a birth date is patient data (as HL7 PID-7)
+        reasons[bad[bad].index] = "impossible birth date (not a calendar date from 1900 on)"
     needs_value = etype.isin(["myeloma_therapy_start", "care_team"]) & (value == "")
     reasons[needs_value] = "missing value for " + etype[needs_value]
     doses = etype == "bisphosphonate_dose"
     dose_mg = pd.to_numeric(frame["detail"][doses].replace("", None), errors="coerce")
     bad_dose = (frame["detail"][doses] != "") & (dose_mg.isna() | (dose_mg <= 0) | (dose_mg > 1000))
-    reasons[bad_dose[bad_dose].index] = "unparseable dose (mg) '" + frame["detail"][bad_dose[bad_dose].index].str.slice(0, 16) + "'"
+    reasons[bad_dose[bad_dose].index] = "unparseable dose (mg) " + quote_series(frame["detail"][bad_dose[bad_dose].index], 16)
     return out, number, reasons
 
 
@@ -290,7 +292,7 @@ def parse_events(frame: pd.DataFrame, settings: Settings, delivery_id: str, rece
     frame["event_type"] = frame["event_type"].str.lower()
     r_type = pd.Series("", index=frame.index, dtype="object")
     unknown = ~frame["event_type"].isin(EVENT_TYPES)
-    r_type[unknown] = "unknown event type '" + frame["event_type"][unknown].str.slice(0, 32) + "'"
+    r_type[unknown] = "unknown event type " + quote_series(frame["event_type"][unknown], 32)
     r_type[frame["patient_id"] == ""] = "missing patient_id"
     r_type[frame["patient_id"].str.len() > PATIENT_ID_MAX] = f"patient_id longer than {PATIENT_ID_MAX} characters"
     r_type[has_nul(frame, EVENT_COLUMNS)] = "NUL character in the row"

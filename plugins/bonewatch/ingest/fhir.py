@@ -173,10 +173,6 @@ def _first_code(concept) -> str:
     return _s(_d(concept).get("text"))
 
 
-def _quoted(code: str) -> str:
-    return "'" + code[:32].replace("\n", " ").replace("\r", " ") + "'"
-
-
 def _lone_surrogate(value) -> bool:
     """Does a parsed JSON value hold a lone surrogate (a `\\ud800` escape without its pair)? Such a
     string cannot be encoded as UTF-8, so it can be neither stored nor shown. Iterative: the value

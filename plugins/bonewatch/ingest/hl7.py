@@ -85,7 +85,7 @@ import pandas as pd
 
 from bonewatch.errors import SourceUnreadable
 from bonewatch.ingest.feeds import EVENT_COLUMNS, LAB_COLUMNS
-from bonewatch.ingest.parsing import STATUS_MAP
+from bonewatch.ingest.parsing import STATUS_MAP, quote
 from bonewatch.ingest.reader import Chunk
 from bonewatch.units import LOINC
 
@@ -496,23 +496,24 @@ def _message_rows(group: list[tuple[int, str]], code_map: Mapping[str, str], rec
         message = hl7.parse("\r".join(text for _, text in group))
         fields = _Fields(message)
     except Exception as exc:  # any parser failure quarantines the message, never the run
-        # python-hl7's own ParseException describes the structure; any other exception's text
-        # may quote a field (patient data): name its type only
+        # python-hl7's own ParseException describes the structure, but may quote a few characters
+        # of a segment: quoted (only the operator sees it); any other exception's text may quote a
+        # field (patient data): its type only
         detail = (str(exc).splitlines() or [""])[0] if isinstance(exc, hl7.ParseException) else ""
-        reason = f"the HL7 message cannot be parsed ({type(exc).__name__}{': ' + detail if detail else ''})"
+        reason = f"the HL7 message cannot be parsed ({type(exc).__name__}{': ' + quote(detail, 120) if detail else ''})"
         out.bad.append((msh_line, msh_text, reason[:200]))
         return out
     segments = list(zip(group, message, strict=False))
     msh = message[0]
     kind = [fields.get(msh, 9, 1, 1), fields.get(msh, 9, 1, 2)]
     if [k.upper() for k in kind] != ["ORU", "R01"]:
-        shown = "^".join(k[:16] for k in kind if k) or "MSH-9 empty"
+        shown = quote("^".join(k[:16] for k in kind if k), 33) if any(kind) else "MSH-9 empty"
         out.bad.append((msh_line, msh_text, f"not an ORU^R01 message ({shown})"))
         return out
     version = fields.get(msh, 12, 1, 1)
     message_reason = ""
     if version not in SUPPORTED_VERSIONS:
-        message_reason = f"unsupported HL7 version '{version[:16]}'" if version else "missing HL7 version (MSH-12)"
+        message_reason = f"unsupported HL7 version {quote(version, 16)}" if version else "missing HL7 version (MSH-12)"
     has_pid = any(_segment_id(segment) == "PID" for _, segment in segments)
     patient: str | None = None
     order = service = observed_at = ""

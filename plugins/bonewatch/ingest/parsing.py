@@ -2,10 +2,17 @@
 
 Each parser returns the parsed values and a Series of rejection reasons ("" when the row is fine),
 so a feed can quarantine exactly the rows that fail and keep the rest.
+
+A reason that quotes what the feed sent (a value, a date, a code, a unit) quotes it through
+`quote` / `quote_series` only, between `«` and `»`. The quoted part is feed text and may be patient
+data (a name or an MRN in a coded field, a birth date): it stays in the quarantine table, for
+`bonewatch quarantine` on the command line, and every other channel (dashboard, dq metrics,
+data-team emails, logs) shows `public_reason(reason)`, where each quoted part is `«…»`.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -18,6 +25,46 @@ EARLIEST = pd.Timestamp("1900-01-01")
 #: what `str.splitlines` breaks a line at, and NUL (no PostgreSQL text holds it): a reason that
 #: quotes sent text shows each of them as a space, so that it stays one line that can be stored
 NOT_IN_A_REASON = "[\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]"
+
+#: the marks around the part of a reason that quotes feed text (`quote`); a value cannot contain
+#: them (each becomes its single-angle twin), so the quoted part always ends at the first `»`
+QUOTE_OPEN, QUOTE_CLOSE = "«", "»"
+#: what the public form of a reason shows for each quoted part
+WITHHELD = QUOTE_OPEN + "…" + QUOTE_CLOSE
+_MARKS = str.maketrans({QUOTE_OPEN: "‹", QUOTE_CLOSE: "›"})
+# a quoted part, or one cut short (a reason truncated by someone): to the end
+_QUOTED_PART = re.compile(QUOTE_OPEN + "[^" + QUOTE_CLOSE + "]*(?:" + QUOTE_CLOSE + "|$)")
+
+
+def quote(value: object, limit: int = 40) -> str:
+    """Feed text -> the marked quotation a reason carries: `«value»`, cut at `limit` characters,
+    the marks inside the value replaced so that the quotation is unambiguous."""
+    return QUOTE_OPEN + str(value)[:limit].translate(_MARKS) + QUOTE_CLOSE
+
+
+def quote_series(values: pd.Series, limit: int = 40) -> pd.Series:
+    """`quote` for a Series of strings (vectorised)."""
+    text = values.astype("string").fillna("").str.slice(0, limit)
+    text = text.str.replace(QUOTE_OPEN, "‹", regex=False).str.replace(QUOTE_CLOSE, "›", regex=False)
+    return QUOTE_OPEN + text + QUOTE_CLOSE
+
+
+def public_reason(reason: object) -> str:
+    """A quarantine reason fit for every channel but the operator's command line: one line, at
+    most 200 characters, each quoted part (`quote`) replaced by `«…»`. So
+    "unknown code «DOE JOHN»" -> "unknown code «…»": reasons that differ only by the value they
+    quoted become one, which is also what the dashboard groups by. Idempotent.
+
+    A reason stored before quotations were marked quoted between apostrophes; no reason written
+    since has an apostrophe outside its quotations, so everything from the first apostrophe to the
+    last (or to the end) is withheld as well.
+    """
+    text = _QUOTED_PART.sub(WITHHELD, " ".join(str(reason).split()))
+    if "'" in text:
+        first, last = text.index("'"), text.rindex("'")
+        text = text[:first] + WITHHELD + (text[last + 1:] if last > first else "")
+    return text[:200]
+
 
 STATUS_MAP = {
     "final": "final", "f": "final",
@@ -77,10 +124,10 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
     reasons = pd.Series("", index=raw.index, dtype="object")
     reasons[text == ""] = "missing date"
     bad = (text != "") & utc_naive.isna()
-    reasons[bad] = "impossible date '" + text[bad].str.slice(0, 40) + "'"
+    reasons[bad] = "impossible date " + quote_series(text[bad])
     latest_ts = pd.Timestamp(latest).tz_localize(None) if pd.Timestamp(latest).tzinfo else pd.Timestamp(latest)
     out_of_range = (utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))) | out_of_bounds
-    reasons[out_of_range] = "date out of range '" + sent[out_of_range].str.slice(0, 40) + "'"
+    reasons[out_of_range] = "date out of range " + quote_series(sent[out_of_range])
     return utc_naive, local_date, reasons
 
 
@@ -97,7 +144,7 @@ def parse_numbers(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
         censor[rest] = parts["censor"].fillna("").str.slice(0, 1).astype("object")
     reasons = pd.Series("", index=raw.index, dtype="object")
     bad = number.isna() | ~np.isfinite(number.fillna(0.0))
-    reasons[bad] = "unparseable value '" + text[bad].str.slice(0, 40) + "'"
+    reasons[bad] = "unparseable value " + quote_series(text[bad])
     reasons[text.str.strip() == ""] = "missing value"
     return number, censor, reasons
 
@@ -108,7 +155,7 @@ def parse_statuses(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     status = factorized_map(text, STATUS_MAP)
     reasons = pd.Series("", index=raw.index, dtype="object")
     unknown = status.isna()
-    reasons[unknown] = "unknown status '" + raw.astype("string").fillna("")[unknown].str.slice(0, 20) + "'"
+    reasons[unknown] = "unknown status " + quote_series(raw.astype("string").fillna("")[unknown], 20)
     reasons[text == ""] = "missing status"
     return status, reasons
 

@@ -197,9 +197,9 @@ def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
         unmapped = sorted({t for t in teams.values()
                            if t.strip().casefold() not in {n.strip().casefold() for n in settings.recipients.teams}})
         if unmapped:
-            # team names are configuration, not patient data
-            log.warning("care team(s) not in [recipients.teams], sent to the default recipients: %s",
-                        ", ".join(unmapped))
+            # the names come from the events feed (feed text, anything can be in it): count them
+            log.warning("%d care team(s) not in [recipients.teams]: sent to the default recipients",
+                        len(unmapped))
         wanted: dict[str, list[Mapping[str, Any]]] = {}
         for row in rows:
             for recipient in recipients_for(row["patient_id"], settings, teams.get(row["patient_id"])):
