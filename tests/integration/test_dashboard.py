@@ -277,17 +277,20 @@ def test_an_empty_store_builds_a_dashboard_that_says_so_and_serve_can_mount_it(e
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-    from fastapi import FastAPI
 
-    configured = with_overrides(settings, quality__dashboard_dir=str(tmp_path / "dq"))
+    from bonewatch.web import create_app
+
+    password = "dashboard-password-for-tests"
+    configured = with_overrides(settings, quality__dashboard_dir=str(tmp_path / "dq"),
+                                quality__dashboard_password=password, notify__ack_secret="k" * 32)
     index = build.build(engine, configured, build.default_folder(configured), now=at(FIRST, "07:00"))
     assert index == tmp_path / "dq" / "index.html"
     assert "No nightly run has been recorded yet" in index.read_text("utf-8")
-    app = FastAPI()
-    build.mount(app, configured)
+    app = create_app(configured, engine=engine)    # what `bonewatch serve` serves, login included
 
     async def fetch(*paths: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bonewatch") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bonewatch",
+                                     auth=(configured.quality.dashboard_user, password)) as client:
             return [await client.get(path) for path in paths]
 
     # in a thread of its own: the session's Playwright (sync API) keeps an event loop on this one

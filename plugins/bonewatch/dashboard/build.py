@@ -32,16 +32,6 @@ def default_folder(settings: Settings) -> Path:
     return Path(configured).expanduser().resolve() if configured else settings.data_dir / "dashboard"
 
 
-def mount(app, settings: Settings, path: str = "/dashboard") -> Path:
-    """Serve the built dashboard (and its Data Docs) from `app` (FastAPI) under `path`, read-only;
-    return the folder. The folder need not exist yet: a rebuild is picked up without a restart."""
-    from fastapi.staticfiles import StaticFiles
-
-    folder = default_folder(settings)
-    app.mount(path, StaticFiles(directory=folder, html=True, check_dir=False), name="dashboard")
-    return folder
-
-
 def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
           through: date | None = None) -> Path:
     """Write the dashboard into `out` (its index.html, a page per feed, quarantine, validation
