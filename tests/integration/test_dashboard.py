@@ -5,6 +5,7 @@ Chromium with the network cut, and a grep of every dashboard file for the patien
 from __future__ import annotations
 
 import json
+import re
 from datetime import date, timedelta
 
 import pytest
@@ -226,6 +227,10 @@ def test_unit_switch_and_bad_rows_reach_the_data_team_and_the_dashboard(engine, 
         page = session.open(out / "quarantine.html")
         reasons_shown = page.locator("#quarantine-reasons").inner_text()
         assert "impossible birth date (not a calendar" in reasons_shown and "unparseable value «…»" in reasons_shown
+        # where to look: file and line, never the value
+        where = page.locator("#quarantine-reasons td.where").all_inner_texts()
+        assert where and all(re.fullmatch(r"[\w.-]+\.csv, line \d+(; [\w.-]+\.csv, line \d+)*( …)?", w)
+                             for w in where), where
 
         page = session.open(out / "validations.html")
         runs = page.locator("#validation-runs tbody tr")

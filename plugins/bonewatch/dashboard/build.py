@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from bonewatch.config import Settings
 from bonewatch.dashboard import metrics, pages
@@ -30,6 +30,31 @@ def default_folder(settings: Settings) -> Path:
     """`[quality] dashboard_dir`, else `<data dir>/dashboard`."""
     configured = settings.quality.dashboard_dir
     return Path(configured).expanduser().resolve() if configured else settings.data_dir / "dashboard"
+
+
+PLACES_SHOWN = 3            # file and line examples a (feed, reason) row of the quarantine page shows
+_PLACES_READ = 20_000       # quarantine rows read for them: a bad night can quarantine millions
+
+
+def quarantine_places(conn: Connection, first: date, last: date) -> dict[tuple[str, str], list[str]]:
+    """Where the window's quarantined rows are, per (feed, public reason): up to PLACES_SHOWN
+    "file, line N" (latest nights first), so the data team can open the file at the right line.
+    File names and line numbers only: the reasons are made public, the values never leave."""
+    from bonewatch.ingest.parsing import public_reason
+    from bonewatch.store.tables import deliveries, quarantine
+
+    q, d = quarantine.c, deliveries.c
+    rows = conn.execute(
+        select(q.feed, q.reason, q.file_name, q.source_line)
+        .select_from(quarantine.join(deliveries, d.delivery_id == q.delivery_id))
+        .where(d.partition.between(first.isoformat(), last.isoformat()))
+        .order_by(d.partition.desc(), q.file_name, q.source_line).limit(_PLACES_READ)).all()
+    places: dict[tuple[str, str], list[str]] = {}
+    for feed, reason, file_name, line in rows:
+        shown = places.setdefault((feed, public_reason(reason)), [])
+        if len(shown) < PLACES_SHOWN:
+            shown.append(f"{file_name}, line {line}")
+    return places
 
 
 def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
@@ -50,12 +75,14 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         nights: list[date] = []
         feed_rows = night_rows = pd.DataFrame()
         runs: list[dict] = []
+        places: dict[tuple[str, str], list[str]] = {}
         # a local code may be a name or an MRN sent in a code field: masked (`bonewatch codes` shows it)
         codes = code_list.public_codes(code_list.load(conn, settings, everything=True), settings)
         if last is not None:
             first = last - timedelta(days=settings.quality.window_nights - 1)
             nights = [first + timedelta(days=i) for i in range(settings.quality.window_nights)]
             feed_rows, night_rows = stored_nights(conn, first, last)
+            places = quarantine_places(conn, first, last)
             runs = [dict(r) for r in conn.execute(
                 select(dq_validations).where(dq_validations.c.night.between(first, last))
                 .order_by(dq_validations.c.night, dq_validations.c.feed, dq_validations.c.delivery_id,
@@ -86,7 +113,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         deadlines={name: feed.deadline for name, feed in settings.feed_rules.items()},
         feed_rows=feed_rows, night_rows=night_rows, validations=validations,
         thresholds=metrics.Thresholds.of(settings.quality),
-        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "", codes=codes)
+        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "", codes=codes, places=places)
     rendered = pages.render(data)
     for stale in out.glob("feed-*.html"):
         if stale.name not in rendered:

@@ -53,6 +53,8 @@ class DashboardData:
     datadocs_index: str = ""
     #: codes skipped rather than stored (`bonewatch.ingest.codes.load(everything=True)`)
     codes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: (feed, public reason) -> a few "file, line N" of its quarantined rows (`build.quarantine_places`)
+    places: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def feed_page_name(feed: str) -> str:
@@ -417,7 +419,8 @@ def quarantine_tables(data: DashboardData) -> tuple[list[dict], list[dict]]:
         reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
         for reason, n in reasons.items():
             slot = totals.setdefault((r.feed, reason), {"feed": r.feed, "page": feed_page_name(r.feed),
-                                                        "reason": reason, "rows": 0, "nights": 0, "last": r.night})
+                                                        "reason": reason, "rows": 0, "nights": 0, "last": r.night,
+                                                        "where": data.places.get((r.feed, reason), [])})
             slot["rows"] += n
             slot["nights"] += 1
             slot["last"] = max(slot["last"], r.night)
