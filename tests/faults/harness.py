@@ -174,7 +174,8 @@ class Night:
 
     def start(self, *args: str, fault: str | None = None) -> subprocess.Popen:
         env = dict(self.env, **({"BONEWATCH_FAULT": fault} if fault else {}))
-        return subprocess.Popen([sys.executable, "-m", "bonewatch.cli", *args], env=env, text=True,
+        # -v: the processes log at INFO, and the PHI scan reads every line of it
+        return subprocess.Popen([sys.executable, "-m", "bonewatch.cli", "-v", *args], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def wait(self, *processes: subprocess.Popen) -> list[int]:
