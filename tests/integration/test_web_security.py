@@ -316,6 +316,12 @@ def test_the_built_dashboard_works_under_its_content_security_policy(tmp_path, s
                 assert response.status == 200, name
                 assert "script-src 'self' 'unsafe-inline'" in response.headers["content-security-policy"]
                 page.wait_for_function("() => document.querySelectorAll('.plotly-graph-div .main-svg').length > 0")
+            # GX's Data Docs under their own policy: the vendored jQuery and bootstrap-table run
+            # (their tables are drawn by script), still nothing from outside
+            runs = page.goto(f"{base}/dashboard/datadocs/index.html", wait_until="load")
+            assert runs.status == 200
+            assert page.evaluate("() => typeof jQuery === 'function' && typeof jQuery.fn.bootstrapTable === 'function'")
+            page.wait_for_function("() => document.querySelectorAll('table tbody tr').length > 0")
             assert errors == [] and outside == []
         finally:
             browser.close()
