@@ -229,7 +229,8 @@ def notify(ctx: click.Context, night: date | None, retry_now: bool) -> None:
     summary = pipeline.notify(settings, night, retry_now=retry_now)
     click.echo(f"{summary.sent} message(s) sent, {summary.failed} left pending, "
                f"{summary.alerts_notified} alert(s) notified"
-               + (f", {summary.deferred} waiting out a back-off (--retry-now to try now)" if summary.deferred else ""))
+               + (f", {summary.deferred} waiting out a back-off (--retry-now to try now)" if summary.deferred else "")
+               + (f", {summary.elsewhere} being sent by another run" if summary.elsewhere else ""))
     for error in summary.errors:
         click.echo(f"error: {error}", err=True)
     ctx.exit(1 if summary.failed else 0)

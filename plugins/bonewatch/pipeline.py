@@ -68,6 +68,7 @@ class NotifySummary:
     deferred: int = 0               # of those, the ones inside their back-off (not tried this run)
     alerts_notified: int = 0
     cancelled: int = 0              # digests whose alerts were all acknowledged/resolved before sending
+    elsewhere: int = 0              # claimed by another run sending at the same time (it sends them)
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -624,7 +625,7 @@ def notify(settings: Settings, night: date, *, retry_now: bool = False) -> Notif
     # Airflow retry) honest.
     summary = NotifySummary(queued=queued, sent=result.sent, failed=result.failed + result.deferred,
                             deferred=result.deferred, alerts_notified=result.alerts_notified,
-                            cancelled=result.cancelled, errors=list(result.errors))
+                            cancelled=result.cancelled, elsewhere=result.elsewhere, errors=list(result.errors))
     log.info("notify %s: %d queued, %d sent, %d failed", night, queued, summary.sent, summary.failed)
     return summary
 

@@ -116,3 +116,21 @@ def test_a_second_run_of_a_night_waits_then_names_the_holder(engine, settings, t
     assert code == 1 and out == ""
     assert err.strip() == (f"bonewatch: night {NIGHT.isoformat()} is held by bonewatch nightly pid 4242@ward-7; "
                            "gave up after waiting 0.5 s (retry when it has finished)")
+
+
+def test_a_flush_that_fails_unexpectedly_hands_its_claim_back(engine, mailbox):
+    """A configuration error while sending (a login without TLS, refused before connecting) is no
+    SMTP refusal: the message is handed back at once, not held for the lease (10 minutes)."""
+    import pytest
+
+    from bonewatch.config import with_overrides
+    from bonewatch.errors import ConfigError
+
+    settings = with_overrides(load_settings(), smtp__user="relay-account")
+    outbox.queue_message(engine, kind="data_quality", recipients=["data@hospital.example"], night=NIGHT,
+                         subject="notice", text="feeds late", html=None, key="k")
+    with pytest.raises(ConfigError):
+        outbox.flush(engine, settings)
+    (row,) = outbox_rows(engine)
+    assert (row["status"], row["claimed_by"], row["claimed_until"]) == ("pending", None, None)
+    assert mailbox.messages == []

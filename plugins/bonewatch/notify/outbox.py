@@ -342,6 +342,11 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
             result.errors.append(f"{row['kind']} for {row['recipient']} (night {night.isoformat()}): {exc}")
             log.warning("outbox: %s not sent: %s", message_id, exc)
             continue
+        except BaseException:
+            # not a refusal (a configuration error, an interrupt): the server has not accepted
+            # it, so hand the message back now rather than make the next flush wait out the lease
+            _release(engine, message_id, me)
+            raise
         faults.point("notify.accepted")
         # straight after the 250: the window in which a death sends this message twice
         result.alerts_notified += _record_sent(engine, row, subject, [a["alert_id"] for a in live],
@@ -379,6 +384,13 @@ def _claim(engine: Engine, message_id: str, me: str, now: datetime, lease: timed
         if won != 1:
             return None
         return conn.execute(select(outbox).where(outbox.c.message_id == message_id)).mappings().one()
+
+
+def _release(engine: Engine, message_id: str, me: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(outbox).where(outbox.c.message_id == message_id, outbox.c.claimed_by == me,
+                                          outbox.c.status == "pending")
+                     .values(claimed_by=None, claimed_until=None))
 
 
 # ---- writes -------------------------------------------------------------------------------
