@@ -5,6 +5,7 @@ quarantined with its line and the rest of its file kept; a symbolic link never l
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date
 from pathlib import Path
@@ -217,10 +218,11 @@ def test_long_ndjson_lines(engine, small_rows, tmp_path):
                '"http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}, "value": "000101"}]}')
 
     def observation(n: int, note: str = "") -> str:
-        return ('{"resourceType": "Observation", "id": "N%d", "status": "final", "code": {"coding": [{"system": '
-                '"http://loinc.org", "code": "2160-0"}]}, "subject": {"reference": "Patient/p1"}, '
-                '"effectiveDateTime": "2025-03-01T08:00:00+00:00", "valueQuantity": {"value": 0.9, "unit": "mg/dL"}'
-                '%s}' % (n, f', "note": [{{"text": "{note}"}}]' if note else ""))
+        resource = {"resourceType": "Observation", "id": f"N{n}", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+                    "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2025-03-01T08:00:00+00:00",
+                    "valueQuantity": {"value": 0.9, "unit": "mg/dL"}}
+        return json.dumps({**resource, "note": [{"text": note}]} if note else resource)
 
     lines = [patient, observation(1), observation(2, "C" * 5000), observation(3), observation(4, "D" * 5000)]
     summary = pipeline.ingest(small_rows, [write(tmp_path / "obs.ndjson", "\n".join(lines))])
