@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile every step into bench/out/prof/")
     parser.add_argument("--formats-scale", default="100k",
                         help="scale at which the labs are also ingested as HL7, a FHIR Bundle and NDJSON ('' = skip)")
+    parser.add_argument("--small-files", type=int, default=300,
+                        help="one-row files ingested into a fresh SQLite store: the cost a file (0 = skip)")
     options = parser.parse_args()
     scales = [s.strip() for s in options.scales.split(",") if s.strip()]
     stores = [s.strip() for s in options.stores.split(",") if s.strip()]
@@ -138,6 +140,13 @@ def main() -> None:
             print(f"{scale} formats: csv labs+events {csv_backfill['ingest_s']:.1f}s, " + ", ".join(
                 f"{fmt} labs {r['seconds']:.1f}s" for fmt, r in entry["formats"].items()), flush=True)
         results["scales"][scale] = entry
+    if options.small_files and "sqlite" in stores:
+        store = Store("sqlite", f"small-files-{options.small_files}")
+        try:
+            results["small_files"] = run_step("small_files", args_for(store, "small", "small-files",
+                                                                      files=options.small_files))
+        finally:
+            store.drop()
     (ROOT / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print_table(results, scales, stores)
 
@@ -172,6 +181,9 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
             total = r["accepted"] + r["quarantined"]
             print(f"ingest as {fmt} ({scale} lab rows, SQLite): {r['seconds']:.1f}s, "
                   f"{total / max(r['seconds'], 1e-9) / 1000:.0f}k rows/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if small := results.get("small_files"):
+        print(f"ingest of {small['files']} one-row files (SQLite): {small['seconds']:.1f}s, "
+              f"{small['ms_per_file']:.0f} ms a file ({small['cpu_ms_per_file']:.0f} ms CPU)")
     # evaluation slope: the backfill's evaluation is a full one (every patient is new)
     for kind in stores:
         cells = []

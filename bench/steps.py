@@ -136,9 +136,39 @@ def write_formats(args: dict) -> dict:
     return {"seconds": 0.0, "paths": {fmt: str(path) for fmt, path in paths.items()}}
 
 
+def small_files(args: dict) -> dict:
+    """`files` one-row lab CSVs in one folder, ingested into a fresh store: what a file costs
+    (ledger check, format sniffing, hashing, reader, parser, GX, one transaction) apart from its
+    rows. One more file is ingested first, untimed, so that imports and GX's context are not
+    counted: a nightly worker pays them once, not once a file. `cpu_seconds` counts every thread."""
+    import shutil
+
+    settings = _settings(args)
+    from bonewatch import pipeline
+
+    n = int(args["files"])
+    folder = Path(args["data_dir"]) / f"small-files-{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    header = "patient_id,result_id,loinc,value,unit,collected_at,status\n"
+    for i in range(n + 1):
+        target = folder if i else folder.parent
+        name = f"f{i:05d}.csv" if i else f"small-files-warm-{n}.csv"
+        (target / name).write_text(header + f"{i:06d},s{i},2160-0,1.0,mg/dL,2025-01-03T08:00:00,final\n")
+    pipeline.engine_for(settings, migrate=True).dispose()
+    pipeline.ingest(settings, [folder.parent / f"small-files-warm-{n}.csv"])
+    start, cpu = time.perf_counter(), time.process_time()
+    ingested = pipeline.ingest(settings, [folder])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "files": n, "accepted": ingested.accepted,
+            "failed_files": ingested.failed_files, "ms_per_file": 1000 * seconds / n,
+            "cpu_ms_per_file": 1000 * cpu_seconds / n}
+
+
 STEPS = {"duckdb": duckdb_reference, "backfill": backfill, "night": night, "rerun": rerun,
          "evaluate_full": evaluate_full, "ingest_format": ingest_format,
-         "write_formats": write_formats}
+         "write_formats": write_formats, "small_files": small_files}
 
 
 def main() -> None:

@@ -168,6 +168,8 @@ class Notify(BaseModel):
 class Ingest(BaseModel):
     model_config = _STRICT
     chunk_size: int = Field(50000, ge=1)
+    # a row (CSV line, HL7 segment, NDJSON line) longer than this is quarantined unread
+    max_row_bytes: int = Field(1 << 20, ge=1024)
     code_map: dict[str, str] = {}
     # codes (local or LOINC) the hospital does not need: skipped without being listed for mapping
     ignore_codes: list[str] = []

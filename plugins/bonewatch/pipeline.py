@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ from sqlalchemy import Engine
 
 from bonewatch import faults
 from bonewatch.config import Settings
-from bonewatch.errors import BonewatchError, SourceUnreadable
+from bonewatch.errors import BonewatchError, Busy, SourceUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +90,103 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders walked recursively (sorted, hidden files ignored)."""
+def walk_paths(paths: Iterable[str | Path], *, inbox: Path | None = None) -> tuple[list[Path], list[SourceUnreadable]]:
+    """The files to read, and the paths refused, each with a one-line reason (nothing refused is
+    opened): files as given, folders walked recursively (sorted; hidden files ignored).
+
+    Refused: a path that does not exist or is not a regular file (a FIFO would block the reader),
+    and a symbolic link that leads out of the folder being walked. A path inside `inbox` (the nightly
+    run's loose files and night folder) must also resolve inside `inbox`. A symbolic link named
+    explicitly elsewhere is followed: someone typed it. A link to a folder inside the folder walked
+    is not followed (its files are walked where they are)."""
     found: list[Path] = []
+    refused: list[SourceUnreadable] = []
+    fence = _Fence(inbox) if inbox is not None else None
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
-        elif path.is_file():
+        if fence is not None and fence.holds(path) and not fence.holds_target(path):
+            refused.append(SourceUnreadable(path, None, LEAVES_INBOX))
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            refused.append(SourceUnreadable(path, None, _os_reason(exc, "no such file or folder")))
+            continue
+        if stat.S_ISDIR(mode):
+            _walk_folder(path, found, refused)
+        elif stat.S_ISREG(mode):
             found.append(path)
         else:
-            raise BonewatchError(f"no such file or folder: {path}")
-    return found
+            refused.append(SourceUnreadable(path, None, NOT_A_FILE))
+    return found, refused
+
+
+def expand_paths(paths: Iterable[str | Path], *, inbox: Path | None = None) -> list[Path]:
+    """The files `walk_paths` reads (what it refuses is left out)."""
+    return walk_paths(paths, inbox=inbox)[0]
+
+
+LEAVES_FOLDER = "a symbolic link leading out of the folder walked: not followed"
+LEAVES_INBOX = "a symbolic link leading out of the inbox: not followed"
+NOT_A_FILE = "not a regular file"
+
+
+class _Fence:
+    """A folder that paths must not leave (compared on resolved paths: `..`, links)."""
+
+    def __init__(self, folder: Path):
+        self.lexical = Path(os.path.abspath(folder))
+        self.real = Path(folder).resolve()
+
+    def holds(self, path: Path) -> bool:
+        """Is the path (as written, or its resolved folder) inside the fence?"""
+        absolute = Path(os.path.abspath(path))
+        return (absolute.is_relative_to(self.lexical) or absolute.is_relative_to(self.real)
+                or absolute.parent.resolve().is_relative_to(self.real))
+
+    def holds_target(self, path: Path) -> bool:
+        """Does the path, every link followed, end inside the fence?"""
+        return Path(path).resolve().is_relative_to(self.real)
+
+
+def _walk_folder(folder: Path, found: list[Path], refused: list[SourceUnreadable]) -> None:
+    fence = _Fence(folder)
+    here: list[Path] = []
+
+    def failed(exc: OSError) -> None:      # a sub-folder that cannot be listed
+        refused.append(SourceUnreadable(exc.filename or folder, None, _os_reason(exc, "cannot be listed")))
+
+    for parent, folders, names in os.walk(folder, onerror=failed):     # links to folders not followed
+        for name in folders:
+            entry = Path(parent, name)
+            if not name.startswith(".") and entry.is_symlink() and not fence.holds_target(entry):
+                refused.append(SourceUnreadable(entry, None, LEAVES_FOLDER))
+        for name in names:
+            if name.startswith("."):
+                continue
+            entry = Path(parent, name)
+            if entry.is_symlink() and not fence.holds_target(entry):
+                refused.append(SourceUnreadable(entry, None, LEAVES_FOLDER))
+                continue
+            try:
+                mode = entry.stat().st_mode
+            except OSError as exc:        # a broken link, or gone since the folder was listed
+                refused.append(SourceUnreadable(entry, None, _os_reason(exc, "no such file")))
+                continue
+            if stat.S_ISREG(mode):
+                here.append(entry)
+            else:
+                refused.append(SourceUnreadable(entry, None, NOT_A_FILE))
+    found.extend(sorted(here))
+
+
+def _os_reason(exc: OSError, default: str) -> str:
+    """An OS error's one-line reason ("Permission denied"), without the path it may quote."""
+    return (exc.strerror or default) if isinstance(exc, OSError) else default
 
 
 def file_digest(path: Path) -> str:
+    """The delivery id: SHA-256 of the file's bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -369,65 +453,126 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
     """Load files or folders into the store; files already in the ledger are skipped.
 
     Each file is one transaction: its good rows, its quarantined rows (with reasons) and its
-    ledger entry land together or not at all. A file that cannot be read is recorded as failed
-    with a one-line error naming the file and line; the other files still load. With `feed`,
+    ledger entry land together or not at all. A file that cannot be read (missing, gone or
+    unreadable meanwhile, not decodable, a symbolic link out of the folder walked or the inbox:
+    `walk_paths`) fails alone, with a one-line error naming it (and the line, where known), recorded
+    in the ledger as failed when its bytes can be read; the other files still load. With `feed`,
     only the files of that feed (`sources.FEED_OF_FORMAT`) are loaded: one Airflow task a feed.
     """
     from bonewatch.ingest import sources
-    from bonewatch.store import locks, writes
 
-    files = sorted(expand_paths(paths), key=_file_order)
+    found, refused = walk_paths(paths, inbox=settings.inbox)
+    files = sorted(found, key=_file_order)
     engine = engine_for(settings)
     summary = IngestSummary()
-    with _progress(progress, "ingest", len(files)) as advance:
+    with _progress(progress, "ingest", len(refused) + len(files)) as advance:
+        # A path of no known format is reported by the task of the main feed (labs).
+        for failure in refused:
+            if feed in (None, "labs"):
+                summary.files += 1
+                _fail(engine, summary, Path(failure.path), failure, None, partition, read=False)
+            advance()
         for path in files:
             try:
                 fmt, unreadable = sources.detect_format(path), None
-            except SourceUnreadable as exc:
-                fmt, unreadable = None, exc
-            # A file of no known format is reported by the task of the main feed (labs).
+            except FILE_FAULTS as exc:
+                fmt, unreadable = None, _unreadable(path, exc)
             if feed is not None and (sources.FEED_OF_FORMAT[fmt] if fmt else "labs") != feed:
                 advance()
                 continue
             summary.files += 1
+            delivery_id = None
             try:
                 if unreadable is not None:
                     raise unreadable
                 delivery_id = file_digest(path)
-                # The ledger check and the load under one lock per delivery: a second ingest of
-                # the same bytes at the same time waits, then finds it loaded.
-                with locks.hold(engine, f"delivery {delivery_id[:16]}", wait_s=settings.database.lock_wait_s,
-                                holder=locks.describe(f"ingest {delivery_id[:8]}")):
-                    with engine.connect() as conn:
-                        status = writes.delivery_status(conn, delivery_id)
-                    loaded = (None if status == "loaded"
-                              else _ingest_file(engine, settings, path, fmt, delivery_id, partition))
-                if loaded is None:
-                    summary.skipped_files += 1
-                    log.info("skipped %s: already ingested", path.name)
-                else:
-                    summary.accepted += loaded.accepted
-                    summary.quarantined += loaded.quarantined
-                    summary.not_monitored += loaded.not_monitored
-                    summary.per_file.append({"file": path.name, "accepted": loaded.accepted,
-                                             "not_monitored": loaded.not_monitored,
-                                             "quarantined": loaded.quarantined,
-                                             **({"note": NOTHING_READ} if not loaded.rows_total else {})})
-                    if not loaded.rows_total:
-                        log.warning("%s: %s", path.name, NOTHING_READ)
-                    log.info("ingested %s: %d accepted, %d not monitored, %d quarantined", path.name,
-                             loaded.accepted, loaded.not_monitored, loaded.quarantined)
-            except SourceUnreadable as exc:
-                summary.failed_files += 1
-                summary.errors.append(str(exc))
-                log.warning("%s", exc)
-                with engine.begin() as conn:
-                    writes.record_delivery(conn, _empty_ledger_row(
-                        {"feed": "unknown", "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
-                         "partition": partition, "received_at": _now()},
-                        file_digest(path), "failed", str(exc)[:1000]))
+                loaded = _ingest_new(engine, settings, path, fmt, delivery_id, partition)
+            except Busy as exc:
+                # another process is loading these very bytes and did not finish in lock_wait_s:
+                # this file fails alone (reported, not recorded: the other may still load it)
+                _fail(engine, summary, path, SourceUnreadable(
+                    path, None, f"being loaded by another process ({exc.holder}); run again once it has finished"),
+                    None, partition, read=False)
+            except FILE_FAULTS as exc:
+                _fail(engine, summary, path, _unreadable(path, exc), delivery_id, partition)
+            else:
+                _count(summary, path, loaded)
             advance()
     return summary
+
+
+#: what fails one file and not the run: the file's own faults (gone, unreadable, not decodable,
+#: oversize framing). A store error is not one of them: it stops the run.
+FILE_FAULTS = (SourceUnreadable, OSError, UnicodeError)
+
+
+def _unreadable(path: Path, exc: BaseException) -> SourceUnreadable:
+    """A file's fault as one line naming the file (an OS error without the path it quotes)."""
+    if isinstance(exc, SourceUnreadable):
+        return exc
+    if isinstance(exc, UnicodeError):
+        return SourceUnreadable(path, None, "not UTF-8 text")
+    return SourceUnreadable(path, None, _os_reason(exc, type(exc).__name__))
+
+
+def _ingest_new(engine: Engine, settings: Settings, path: Path, fmt: str, delivery_id: str,
+                partition: str | None) -> Loaded | None:
+    """Load a delivery unless the ledger has it loaded already (then None).
+
+    The ledger check and the load hold one lock per delivery: a second ingest of the same bytes
+    at the same time (two processes, a retry beside a slow first try) waits for the first, then
+    finds it loaded. Raises `Busy` after `[database] lock_wait_s`."""
+    from bonewatch.store import locks, writes
+
+    with locks.hold(engine, f"delivery {delivery_id[:16]}", wait_s=settings.database.lock_wait_s,
+                    holder=locks.describe(f"ingest {delivery_id[:8]}")):
+        with engine.connect() as conn:
+            status = writes.delivery_status(conn, delivery_id)
+        if status == "loaded":
+            return None
+        return _ingest_file(engine, settings, path, fmt, delivery_id, partition)
+
+
+def _count(summary: IngestSummary, path: Path, loaded: Loaded | None) -> None:
+    """Add one file's outcome to the summary (None: already in the ledger)."""
+    if loaded is None:
+        summary.skipped_files += 1
+        log.info("skipped %s: already ingested", path.name)
+        return
+    summary.accepted += loaded.accepted
+    summary.quarantined += loaded.quarantined
+    summary.not_monitored += loaded.not_monitored
+    summary.per_file.append({"file": path.name, "accepted": loaded.accepted,
+                             "not_monitored": loaded.not_monitored, "quarantined": loaded.quarantined,
+                             **({"note": NOTHING_READ} if not loaded.rows_total else {})})
+    if not loaded.rows_total:
+        log.warning("%s: %s", path.name, NOTHING_READ)
+    log.info("ingested %s: %d accepted, %d not monitored, %d quarantined", path.name,
+             loaded.accepted, loaded.not_monitored, loaded.quarantined)
+
+
+def _fail(engine: Engine, summary: IngestSummary, path: Path, failure: SourceUnreadable, delivery_id: str | None,
+          partition: str | None, *, read: bool = True) -> None:
+    """Report a file that failed, and record it in the ledger as failed when its bytes can be
+    hashed (`read=False`: never open it, e.g. a link out of the inbox). A delivery the ledger has
+    as loaded stays loaded."""
+    from bonewatch.store import writes
+
+    summary.failed_files += 1
+    summary.errors.append(str(failure))
+    log.warning("%s", failure)
+    if delivery_id is None and read:
+        try:
+            delivery_id = file_digest(path)
+        except OSError:
+            pass                        # gone or unreadable: reported, not recorded
+    if delivery_id is None:
+        return
+    with engine.begin() as conn:
+        if writes.delivery_status(conn, delivery_id) != "loaded":
+            writes.record_delivery(conn, _empty_ledger_row(
+                {"feed": "unknown", "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
+                 "partition": partition, "received_at": _now()}, delivery_id, "failed", str(failure)[:1000]))
 
 
 def pull(settings: Settings, names: Iterable[str] | None = None, *, partition: str | None = None,
@@ -688,4 +833,4 @@ def quality_check(settings: Settings, night: date, *, now: datetime | None = Non
     engine = engine_for(settings)
     with locks.hold(engine, f"quality {night.isoformat()}", wait_s=settings.database.lock_wait_s):
         return record.record_night(engine, settings, night, now=now or _now(),
-                                   files=expand_paths(paths), validations=validations)
+                                   files=expand_paths(paths, inbox=settings.inbox), validations=validations)

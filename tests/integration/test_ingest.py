@@ -123,7 +123,10 @@ def test_cli_prints_counts_and_one_line_errors(engine, settings, tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"error: cannot read {tmp_path / 'broken.csv'}, line 1: header lacks column(s) result_id, loinc, value, "
         "unit, collected_at, status"]
-    missing = run_cli("ingest", str(tmp_path / "nope.csv"))
-    assert missing.returncode == 1 and missing.stderr.strip() == f"bonewatch: no such file or folder: {tmp_path / 'nope.csv'}"
+    # a missing path fails alone (issue 14): the file beside it loads, the exit code says a file failed
+    missing = run_cli("ingest", str(write(tmp_path, "good.csv", HEADER + "1,r1,2160-0,1.0,mg/dL,2025-01-03,final\n")),
+                      str(tmp_path / "nope.csv"))
+    assert missing.returncode == 1 and "good.csv: 1 accepted" in missing.stdout
+    assert missing.stderr.strip().splitlines() == [f"error: cannot read {tmp_path / 'nope.csv'}: No such file or directory"]
     usage = run_cli("evaluate", "--as-of", "2025-02-30")
     assert usage.returncode == 2 and "Traceback" not in usage.stderr

@@ -145,6 +145,8 @@ def code_kinds(code: pd.Series, settings: Settings) -> tuple[pd.Series, pd.Serie
 
 def _code_counts(code: pd.Series, kind: pd.Series, day: pd.Series) -> pd.DataFrame:
     """Skipped rows per code: code, kind, rows, first_collected, last_collected."""
+    if not len(code):       # the rule, and pandas' named aggregation costs milliseconds even on nothing
+        return pd.DataFrame(columns=["code", "kind", "rows", "first_collected", "last_collected"])
     frame = pd.DataFrame({"code": code.to_numpy(dtype=object), "kind": kind.to_numpy(dtype=object),
                           "day": pd.to_datetime(day).to_numpy()})
     return (frame.groupby(["code", "kind"], sort=True)
@@ -182,16 +184,21 @@ def parse_labs(frame: pd.DataFrame, settings: Settings, delivery_id: str, receiv
     unit_read = factorized_map(frame["unit"], lambda u: aliases.get(normalise_unit(u), u), default="")
     factor = _factors(analyte, unit_read)
     r_unit = pd.Series("", index=frame.index, dtype="object")
-    no_unit = factor.isna() & analyte.notna()
-    r_unit[no_unit] = ("unit " + quote_series(frame["unit"][no_unit], 16) + " cannot be converted for "
-                       + analyte[no_unit].astype("string"))
+    no_unit = (factor.isna() & analyte.notna()).to_numpy()
+    if no_unit.any():       # (set only where needed: see parsing.parse_instants)
+        r_unit[no_unit] = ("unit " + quote_series(frame["unit"][no_unit], 16) + " cannot be converted for "
+                           + analyte[no_unit].astype("string"))
     status, r_status = parse_statuses(frame["status"])
     r_ids = pd.Series("", index=frame.index, dtype="object")
-    r_ids[frame["result_id"] == ""] = "missing result_id"
-    r_ids[frame["result_id"].str.len() > RESULT_ID_MAX] = f"result_id longer than {RESULT_ID_MAX} characters"
-    r_ids[frame["patient_id"] == ""] = "missing patient_id"
-    r_ids[frame["patient_id"].str.len() > PATIENT_ID_MAX] = f"patient_id longer than {PATIENT_ID_MAX} characters"
-    r_ids[has_nul(frame, LAB_COLUMNS)] = "NUL character in the row"
+    for bad, reason in (((frame["result_id"] == ""), "missing result_id"),
+                        ((frame["result_id"].str.len() > RESULT_ID_MAX), f"result_id longer than {RESULT_ID_MAX} characters"),
+                        ((frame["patient_id"] == ""), "missing patient_id"),
+                        ((frame["patient_id"].str.len() > PATIENT_ID_MAX),
+                         f"patient_id longer than {PATIENT_ID_MAX} characters"),
+                        (has_nul(frame, LAB_COLUMNS), "NUL character in the row")):
+        bad = np.asarray(bad, dtype=bool)
+        if bad.any():
+            r_ids[bad] = reason
     value = number * factor
     basis = (frame["collected_basis"].astype("string").fillna("").str.strip().str.slice(0, 32)
              if "collected_basis" in frame.columns else "")

@@ -43,6 +43,7 @@ References resolve within the file, then through earlier deliveries:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import uuid
@@ -58,7 +59,7 @@ import pandas as pd
 
 from bonewatch.errors import SourceUnreadable
 from bonewatch.ingest.feeds import CODE_SHAPE, EVENT_COLUMNS, LAB_COLUMNS
-from bonewatch.ingest.reader import Chunk
+from bonewatch.ingest.reader import Chunk, LongLines, cut_rows
 from bonewatch.ingest.sources import PATIENT_COLUMNS, ReadContext
 
 LOINC_SYSTEM = "http://loinc.org"
@@ -953,11 +954,15 @@ def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
         yield from _patients_item(patients)
         yield from _convert(entries, state)
 
-    with Path(path).open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
+    with LongLines(Path(path).open("rb"), ctx.max_row_bytes, cr=False) as stream:
+        for number, line in enumerate(io.BufferedReader(stream), start=1):
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]
             if not line.strip():
+                if stream.cut and stream.cut[0][0] == number:     # a line too long, not read
+                    any_line = True
+                    ((_, raw, reason),) = cut_rows([stream.cut.pop(0)], stream.limit)
+                    entries.append(_Entry(number, raw=raw, bad=reason))
                 continue
             any_line = True
             try:
@@ -986,6 +991,9 @@ def read_ndjson(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
             if len(entries) >= size:
                 yield from flush()
                 entries, patients = [], []
+        for line, raw, reason in cut_rows(stream.cut, stream.limit):   # the last line, without a line break
+            any_line = True
+            entries.append(_Entry(line, raw=raw, bad=reason))
     if not any_line:
         raise SourceUnreadable(path, 1, "the file is empty")
     if entries:

@@ -86,7 +86,7 @@ import pandas as pd
 from bonewatch.errors import SourceUnreadable
 from bonewatch.ingest.feeds import EVENT_COLUMNS, LAB_COLUMNS
 from bonewatch.ingest.parsing import STATUS_MAP, quote
-from bonewatch.ingest.reader import Chunk
+from bonewatch.ingest.reader import MAX_ROW_BYTES, Chunk, LongLines, cut_rows
 from bonewatch.units import LOINC
 
 if TYPE_CHECKING:
@@ -146,11 +146,22 @@ def _physical_lines(handle: BinaryIO) -> Iterator[bytes]:
         yield from parts
 
 
-def _lines(handle: BinaryIO) -> Iterator[Line]:
+class _TooLong(bytes):
+    """A segment longer than `[ingest] max_row_bytes`, not read: its value is its first bytes."""
+
+
+def _lines(handle: BinaryIO, limit: int = MAX_ROW_BYTES) -> Iterator[Line]:
     """(line number, content) of every non-blank line, MLLP framing and byte-order marks stripped.
-    A line of nothing but framing bytes is not counted (see the module docstring)."""
-    number = 0
-    for raw in _physical_lines(handle):
+    A line of nothing but framing bytes is not counted (see the module docstring). A line longer
+    than `limit` bytes comes as a `_TooLong` of its first bytes (it is never held whole)."""
+    stream = LongLines(handle, limit)
+    number = physical = 0
+    for raw in _physical_lines(stream):
+        physical += 1
+        if not raw and stream.cut and stream.cut[0][0] == physical:
+            number += 1
+            yield number, _too_long(stream.cut.pop(0)[1])
+            continue
         content = raw.strip(_FRAMING)
         if raw and not content:
             continue                       # `<FS>` alone on its line: framing, not a line
@@ -160,6 +171,13 @@ def _lines(handle: BinaryIO) -> Iterator[Line]:
         content = content.strip()
         if content:
             yield number, content
+    for _, head in stream.cut:              # the last line, too long, without a line break after it
+        yield number + 1, _too_long(head)
+
+
+def _too_long(head: bytes) -> _TooLong:
+    head = head.lstrip(_FRAMING)
+    return _TooLong((head[len(_BOM):] if head.startswith(_BOM) else head).lstrip())
 
 
 def _groups(lines: Iterable[Line]) -> Iterator[list[Line]]:
@@ -621,6 +639,22 @@ def _check_head(path: Path) -> None:
         raise SourceUnreadable(path, 1, "no MSH segment: not an HL7 v2 file")
 
 
+#: segments a message's results depend on: when one is too long to read, no OBX of the message is
+#: attributed (to the wrong patient, order or collection time); a long OBX (an embedded report)
+#: is set aside alone
+_HEADER_SEGMENTS = ("MSH", "PID", "OBR", "ORC")
+_HEADER_SEGMENTS_TEXT = "MSH, PID, OBR or ORC"
+
+
+def _without_long_segments(group: list[Line], limit: int) -> tuple[list[Line], list[Bad]]:
+    """A message's lines without its `_TooLong` segments, and a bad row for each of those."""
+    if not any(isinstance(content, _TooLong) for _, content in group):
+        return group, []
+    long = [(number, content) for number, content in group if isinstance(content, _TooLong)]
+    return ([(number, content) for number, content in group if not isinstance(content, _TooLong)],
+            cut_rows(long, limit))
+
+
 def _frame(rows: list[tuple[int, tuple]], columns: list[str] = LAB_COLUMNS) -> pd.DataFrame:
     index = pd.Index([line for line, _ in rows], dtype="int64", name="line")
     return pd.DataFrame([row for _, row in rows], columns=columns, index=index, dtype=object)
@@ -677,10 +711,19 @@ def read_hl7(path: Path, ctx: ReadContext) -> Iterator[tuple[str, Chunk]]:
     rows: list[tuple[int, tuple]] = []
     bad: list[Bad] = []
     demographics = _Demographics()
+    limit = ctx.max_row_bytes
     with path.open("rb") as handle:
-        for group in _groups(_lines(handle)):
+        for group in _groups(_lines(handle, limit)):
+            group, too_long = _without_long_segments(group, limit)
+            bad.extend(too_long)
+            if not group:
+                continue
             decoded = charset.decode(group)
-            if group[0][1].startswith(b"MSH"):
+            if too_long and any(text[:3].upper() in _HEADER_SEGMENTS for _, text, _ in too_long):
+                # an MSH, PID, OBR or ORC not read: the message's results cannot be attributed
+                bad.extend((line, text, f"in a message with a {_HEADER_SEGMENTS_TEXT} segment not read (too long)")
+                           for line, text in decoded if text[:3].upper() == "OBX")
+            elif group[0][1].startswith(b"MSH"):
                 message = _message_rows(decoded, code_map, received_date)
                 rows.extend(message.rows)
                 bad.extend(message.bad)

@@ -121,13 +121,19 @@ def parse_instants(raw: pd.Series, tz: ZoneInfo, latest: datetime) -> tuple[pd.S
         utc[has_offset] = pd.to_datetime(text[has_offset], format="ISO8601", errors="coerce", utc=True)
     utc_naive = utc.dt.tz_localize(None).astype("datetime64[us]")
     local_date = utc.dt.tz_convert(tz).dt.tz_localize(None).dt.normalize().astype("datetime64[us]")
+    # Each reason is set only where some row needs it: on a clean chunk (the rule) none does, and
+    # a boolean assignment costs pandas ~0.1 ms however few rows (a one-row file pays it each time).
     reasons = pd.Series("", index=raw.index, dtype="object")
-    reasons[text == ""] = "missing date"
-    bad = (text != "") & utc_naive.isna()
-    reasons[bad] = "impossible date " + quote_series(text[bad])
+    missing = (text == "").to_numpy()
+    if missing.any():
+        reasons[missing] = "missing date"
+    bad = ((text != "") & utc_naive.isna()).to_numpy()
+    if bad.any():
+        reasons[bad] = "impossible date " + quote_series(text[bad])
     latest_ts = pd.Timestamp(latest).tz_localize(None) if pd.Timestamp(latest).tzinfo else pd.Timestamp(latest)
-    out_of_range = (utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))) | out_of_bounds
-    reasons[out_of_range] = "date out of range " + quote_series(sent[out_of_range])
+    out_of_range = ((utc_naive.notna() & ((utc_naive < EARLIEST) | (utc_naive > latest_ts))) | out_of_bounds).to_numpy()
+    if out_of_range.any():
+        reasons[out_of_range] = "date out of range " + quote_series(sent[out_of_range])
     return utc_naive, local_date, reasons
 
 
@@ -143,9 +149,10 @@ def parse_numbers(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
         number[rest] = pd.to_numeric(parts["number"], errors="coerce").astype("float64")
         censor[rest] = parts["censor"].fillna("").str.slice(0, 1).astype("object")
     reasons = pd.Series("", index=raw.index, dtype="object")
-    bad = number.isna() | ~np.isfinite(number.fillna(0.0))
-    reasons[bad] = "unparseable value " + quote_series(text[bad])
-    reasons[text.str.strip() == ""] = "missing value"
+    bad = (number.isna() | ~np.isfinite(number.fillna(0.0))).to_numpy()
+    if bad.any():
+        reasons[bad] = "unparseable value " + quote_series(text[bad])
+        reasons[(text.str.strip() == "").to_numpy()] = "missing value"
     return number, censor, reasons
 
 
@@ -154,9 +161,10 @@ def parse_statuses(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
     text = raw.astype("string").str.strip().str.lower().fillna("")
     status = factorized_map(text, STATUS_MAP)
     reasons = pd.Series("", index=raw.index, dtype="object")
-    unknown = status.isna()
-    reasons[unknown] = "unknown status " + quote_series(raw.astype("string").fillna("")[unknown], 20)
-    reasons[text == ""] = "missing status"
+    unknown = status.isna().to_numpy()
+    if unknown.any():      # (a missing status is an unknown one too)
+        reasons[unknown] = "unknown status " + quote_series(raw.astype("string").fillna("")[unknown], 20)
+        reasons[(text == "").to_numpy()] = "missing status"
     return status, reasons
 
 

@@ -59,6 +59,11 @@ class ReadContext:
     #: earlier deliveries' FHIR Patient references -> MRN, looked up in bulk (`Patient/<id>` keys)
     patient_refs: Callable[[Collection[str]], dict[str, str]] = field(default=_no_refs)
 
+    @property
+    def max_row_bytes(self) -> int:
+        """A row (CSV line, HL7 segment, NDJSON line) longer than this is quarantined, not read."""
+        return self.settings.ingest.max_row_bytes
+
 
 Item = tuple[str, Chunk]
 
@@ -107,10 +112,10 @@ def read(path: Path, fmt: str, ctx: ReadContext) -> Iterator[Item]:
     from bonewatch.ingest import feeds, reader
 
     if fmt == "labs_csv":
-        for chunk in reader.read_chunks(path, feeds.LAB_COLUMNS, ctx.chunk_rows):
+        for chunk in reader.read_chunks(path, feeds.LAB_COLUMNS, ctx.chunk_rows, ctx.max_row_bytes):
             yield "labs", chunk
     elif fmt == "events_csv":
-        for chunk in reader.read_chunks(path, feeds.EVENT_COLUMNS, ctx.chunk_rows):
+        for chunk in reader.read_chunks(path, feeds.EVENT_COLUMNS, ctx.chunk_rows, ctx.max_row_bytes):
             yield "events", chunk
     elif fmt == "hl7":
         from bonewatch.ingest import hl7

@@ -71,7 +71,9 @@ def _arrow_column(series: pd.Series, sql_type) -> pa.Array:
         return pa.array(pd.to_numeric(series), type=pa.float64(), from_pandas=True)
     if isinstance(sql_type, Integer):
         return pa.array(series, type=pa.int64(), from_pandas=True)
-    return pa.array(series.astype("object").where(series.notna(), None), type=pa.string(), from_pandas=True)
+    # every missing value (None, NaN, pd.NA) -> None in one step: astype + notna + where cost ~0.1 ms
+    # a column however short, which a one-row delivery paid a dozen times
+    return pa.array(series.to_numpy(dtype=object, na_value=None), type=pa.string(), from_pandas=True)
 
 
 def _arrow_table(frame: pd.DataFrame, table: Table, columns: list[str]) -> pa.Table:
