@@ -6,7 +6,6 @@ logic. Each returns a small summary dataclass whose `as_dict()` is JSON-safe (fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from sqlalchemy import Engine
 from bonewatch import faults
 from bonewatch.config import Settings
 from bonewatch.errors import BonewatchError, Busy, SourceUnreadable
+from bonewatch.ingest.reader import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +183,6 @@ def _walk_folder(folder: Path, found: list[Path], refused: list[SourceUnreadable
 def _os_reason(exc: OSError, default: str) -> str:
     """An OS error's one-line reason ("Permission denied"), without the path it may quote."""
     return (exc.strerror or default) if isinstance(exc, OSError) else default
-
-
-def file_digest(path: Path) -> str:
-    """The delivery id: SHA-256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def engine_for(settings: Settings, *, migrate: bool = False) -> Engine:

@@ -123,17 +123,21 @@ def _record_arrivals(conn: Connection, night: date, files: Iterable[Path], use_m
     of the night's own folder that the ledger had already loaded for another night (feed, night,
     rows_total, arrived_at): they arrived, but nothing new came with them. (Loose files in the
     inbox are offered to every night, so they never count as re-sent.)"""
-    from bonewatch.pipeline import file_digest
+    from bonewatch.ingest.reader import file_digest
 
     seen, own = {}, set()
     for path in files:
         path = Path(path)
-        if path.is_file():
+        try:
+            if not path.is_file():
+                continue
             mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC).replace(tzinfo=None, microsecond=0)
             digest = file_digest(path)
-            seen[digest] = mtime
-            if path.resolve().is_relative_to(night_folder.resolve()):
-                own.add(digest)
+        except OSError:      # gone or unreadable since it was listed: ingest reported it
+            continue
+        seen[digest] = mtime
+        if path.resolve().is_relative_to(night_folder.resolve()):
+            own.add(digest)
     ledger = conn.execute(select(deliveries.c.delivery_id, deliveries.c.feed, deliveries.c.partition,
                                  deliveries.c.rows_total, deliveries.c.received_at, deliveries.c.status)
                           .where(deliveries.c.delivery_id.in_(list(seen)))).all() if seen else []

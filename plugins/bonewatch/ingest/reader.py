@@ -9,6 +9,7 @@ header columns) raises SourceUnreadable naming the file and the first bad line.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import re
 import sys
@@ -267,3 +268,12 @@ def _stream(path: Path, reader, stream: LongLines, columns: list[str], chunk_row
     pending_bad.extend(cut_rows(stream.cut, stream.limit))
     if pending or pending_bad:
         yield Chunk(pd.concat(pending) if pending else pd.DataFrame(columns=columns), pending_bad)
+
+
+def file_digest(path: Path) -> str:
+    """The delivery id: SHA-256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
