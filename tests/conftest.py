@@ -101,3 +101,18 @@ def mailbox(smtp_server, monkeypatch):
     monkeypatch.setenv("BONEWATCH_SMTP_PORT", str(smtp_server.port))
     monkeypatch.setenv("BONEWATCH_SMTP_STARTTLS", "false")
     return smtp_server
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Debian's, networking features off). Playwright's
+    sync API keeps an event loop running on this thread while it lives: a test that needs
+    `asyncio.run` runs it in a thread of its own."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.integration.dq_feeds import launch_chromium
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -185,10 +186,37 @@ def _os_reason(exc: OSError, default: str) -> str:
     return (exc.strerror or default) if isinstance(exc, OSError) else default
 
 
+#: one engine (one connection pool) per store URL and process: every step of a night used to make
+#: its own, and their idle connections piled up until the garbage collector found them (with the
+#: locks holding a connection each, PostgreSQL ran out of connection slots). A few URLs are kept,
+#: the least recently used disposed.
+_ENGINES: OrderedDict[str, Engine] = OrderedDict()
+_ENGINES_KEPT = 4
+
+
+def _forget_engines_after_fork() -> None:
+    # a forked child must not use, or close, the parent's connections (closing a PostgreSQL one
+    # would end the parent's session): drop them without closing
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+    _ENGINES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
 def engine_for(settings: Settings, *, migrate: bool = False) -> Engine:
+    """The store's engine for this process (made once per URL), checked current, or migrated to
+    the newest revision with `migrate`."""
     from bonewatch.store import db
 
-    engine = db.make_engine(settings.database_url)
+    url = settings.database_url
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES[url] = db.make_engine(url)
+        while len(_ENGINES) > _ENGINES_KEPT:
+            _ENGINES.popitem(last=False)[1].dispose()
+    _ENGINES.move_to_end(url)
     if migrate:
         db.upgrade(engine)
     else:

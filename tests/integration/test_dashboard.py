@@ -25,7 +25,6 @@ from tests.integration.dq_feeds import (
     OfflinePage,
     at,
     history,
-    launch_chromium,
     patient_ids_in,
     remote_references,
     run_nights,
@@ -33,17 +32,6 @@ from tests.integration.dq_feeds import (
 
 FIRST = date(2025, 6, 20)
 DATA_TEAM = ["clinical-data-team@hospital.example"]
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """One headless Chromium for the session (Debian's, networking features off)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

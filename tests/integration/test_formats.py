@@ -4,7 +4,6 @@ NDJSON gives the same store and the same alerts (issue: real hospital feeds)."""
 from __future__ import annotations
 
 import json
-import re
 from datetime import date, timedelta
 
 import pandas as pd
@@ -13,6 +12,7 @@ from sqlalchemy import select
 
 from bonewatch import pipeline, synth
 from bonewatch.config import load_settings
+from bonewatch.ingest.parsing import public_reason
 from bonewatch.store import tables
 
 NIGHTS = 20
@@ -63,7 +63,7 @@ def _projection(store: dict) -> dict:
     alert_rows = sorted(zip(alerts.alert_id, alerts.patient_id, alerts.rule, alerts.raised_on.astype(str),
                             alerts.status, alerts.evidence, strict=True))
     # the reason quotes the value as sent: an HL7 timestamp reads 20250230080000, not 2025-02-30T08:00:00
-    reasons = sorted(re.sub(r"'[^']*'", "'...'", reason) for reason in store["quarantine"].reason)
+    reasons = sorted(public_reason(reason) for reason in store["quarantine"].reason)
     return {"labs": lab_rows, "events": event_rows, "alerts": alert_rows, "quarantine": reasons}
 
 

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 
 import httpx
@@ -266,7 +267,9 @@ def _call(app, headers: list[tuple[bytes, bytes]], chunks: int, chunk: bytes = b
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/alerts/x/ack", "raw_path": b"/alerts/x/ack", "query_string": b"",
              "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
-    asyncio.run(app(scope, receive, send))
+    # a thread of its own: the session's Playwright keeps an event loop running on this one
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, app(scope, receive, send)).result()
     return next(m["status"] for m in sent if m["type"] == "http.response.start"), reads[0]
 
 
@@ -286,13 +289,11 @@ def test_body_limits_for_declared_and_chunked_bodies(store):
 
 # ---- the dashboard's own pages under the Content-Security-Policy -------------------------------
 
-def test_the_built_dashboard_works_under_its_content_security_policy(tmp_path, smtp_server):
+def test_the_built_dashboard_works_under_its_content_security_policy(tmp_path, smtp_server, browser):
     """A real dashboard (two nights, Plotly charts) served behind the login and opened in Chromium:
     charts drawn, no CSP violation, nothing requested outside the server."""
-    from playwright.sync_api import sync_playwright
-
     from bonewatch.dashboard import build
-    from tests.integration.dq_feeds import Night, at, history, launch_chromium, run_nights
+    from tests.integration.dq_feeds import Night, at, history, run_nights
 
     first = date(2025, 6, 20)
     settings = with_overrides(_settings(tmp_path, PASSWORD), site__inbox=str(tmp_path / "inbox"),
@@ -301,10 +302,9 @@ def test_the_built_dashboard_works_under_its_content_security_policy(tmp_path, s
     pipeline.ingest(settings, history(tmp_path / "history"))
     run_nights(settings, tmp_path / "inbox", [Night(first), Night(first + timedelta(days=1))])
     build.build(engine, settings, build.default_folder(settings), now=at(first, "07:00", days=2))
-    with served(create_app(settings, engine=engine)) as base, sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
+    with served(create_app(settings, engine=engine)) as base:
+        context = browser.new_context(http_credentials={"username": "data-team", "password": PASSWORD})
         try:
-            context = browser.new_context(http_credentials={"username": "data-team", "password": PASSWORD})
             outside, errors = [], []
             context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
                           else (outside.append(route.request.url), route.abort()))
@@ -324,7 +324,7 @@ def test_the_built_dashboard_works_under_its_content_security_policy(tmp_path, s
             page.wait_for_function("() => document.querySelectorAll('table tbody tr').length > 0")
             assert errors == [] and outside == []
         finally:
-            browser.close()
+            context.close()
     engine.dispose()
     assert json.dumps(errors) == "[]"
 
