@@ -661,11 +661,14 @@ def _pull_one(engine: Engine, settings: Settings, name: str, partition: str | No
 
 
 def partition_paths(settings: Settings, night: date) -> list[Path]:
-    """The deliveries of one night: `<inbox>/<YYYY-MM-DD>/` plus loose files in the inbox."""
+    """The deliveries of one night: `<inbox>/<YYYY-MM-DD>/` plus loose files in the inbox.
+
+    Every loose entry that is not a folder is offered, a FIFO or a broken link included, so that
+    `walk_paths` refuses it by name rather than the night dropping it without a word."""
     inbox = settings.inbox
     if not inbox.is_dir():
         return []
-    loose = sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+    loose = sorted(p for p in inbox.iterdir() if not p.is_dir() and not p.name.startswith("."))
     folder = inbox / night.isoformat()
     return loose + ([folder] if folder.is_dir() else [])
 

@@ -150,6 +150,20 @@ def test_the_nightly_inbox_does_not_follow_links_out_of_it(engine, settings, tmp
     assert pipeline.ingest(settings, [typed]).accepted == 1
 
 
+def test_a_fifo_or_a_broken_link_loose_in_the_inbox_is_named_not_dropped(engine, settings, tmp_path):
+    inbox = tmp_path / "inbox"
+    settings = with_overrides(settings, site__inbox=str(inbox))
+    night = date(2025, 1, 4)
+    write(inbox / "loose.csv", HEADER + row(1))
+    os.mkfifo(inbox / "pipe.csv")
+    (inbox / "gone.csv").symlink_to(tmp_path / "nowhere.csv")
+    summary = pipeline.ingest(settings, pipeline.partition_paths(settings, night), partition=night.isoformat())
+    assert stored(engine)[0] == {"r1"}
+    assert summary.failed_files == 2
+    assert sorted(e.split(": ", 1)[0] for e in summary.errors) == [f"cannot read {inbox / 'gone.csv'}",
+                                                                   f"cannot read {inbox / 'pipe.csv'}"]
+
+
 def test_the_quality_check_does_not_read_through_links_out_of_the_inbox(tmp_path, secret):
     inbox = tmp_path / "inbox"
     write(inbox / "loose.csv", HEADER + row(1))
