@@ -83,7 +83,7 @@ def see_unchanged(conn: Connection, as_of: date, partition: tuple[int, int] | No
     `partition` (i, N): only the alerts of the patients of partition i of N (`model.partition_of`)."""
     c = alerts.c
     unseen = (c.status != "resolved", c.last_seen_on < as_of, c.raised_on <= as_of)
-    if partition is None:
+    if partition is None or partition[1] == 1:
         return conn.execute(update(alerts).where(*unseen).values(last_seen_on=as_of)).rowcount
     part, parts = partition
     # the partition's hash is computed here, not in SQL (SQLite has no SHA-256)

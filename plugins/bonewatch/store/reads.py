@@ -168,7 +168,7 @@ def patients_to_evaluate(conn: Connection, as_of: date, digest: str, *, full: bo
         query = query.where((p.dirty_from <= as_of) | (p.next_due_on <= as_of) | (p.evaluated_on > as_of)
                             | p.evaluated_with.is_(None) | (p.evaluated_with != digest))
     rows = conn.execute(query.order_by(p.patient_id)).all()
-    if partition is not None:
+    if partition is not None and partition[1] > 1:
         # in Python: SQLite has no SHA-256, and the hash must be the same on both stores
         part, parts = partition
         rows = [r for r in rows if partition_of(r[0], parts) == part]
