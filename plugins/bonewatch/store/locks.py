@@ -45,6 +45,7 @@ from bonewatch.errors import Busy
 # the first key of every bonewatch advisory lock: keeps ours apart from other applications'
 _NAMESPACE = 0x626F6E65 - (1 << 31)   # "bone", as a signed 32-bit integer
 _POLL_S = 0.2
+_GATE_WAIT_S = 30.0
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -93,7 +94,10 @@ def hold_group(engine: Engine, name: str, group: int, *, wait_s: float, holder: 
     deadline = time.monotonic() + wait_s
     with ExitStack() as stack:
         while True:
-            with hold(engine, f"{name} gate", wait_s=max(0.0, deadline - time.monotonic()), holder=holder):
+            # the gate is held for a moment by whoever is joining a group: waiting for it is not
+            # waiting for a holder, so even `wait_s=0` waits a little for it
+            with hold(engine, f"{name} gate", wait_s=max(_GATE_WAIT_S, deadline - time.monotonic()),
+                      holder=holder):
                 other = _held(engine, [f"{name} {g}" for g in groups if g != group])
                 if other is None:
                     # only a probe under this gate takes "<name> <group>" exclusively: no wait
