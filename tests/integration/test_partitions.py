@@ -142,6 +142,32 @@ def test_partitions_then_finishing_give_the_alerts_of_one_evaluation(engine, set
     assert state(engine) == expected[-1]
 
 
+def test_a_partition_touches_only_its_own_patients(engine, settings, cohort):
+    """Partition 0/2 of a later night: the other partition's alerts and course states are left
+    exactly as they were; its own open alerts are all seen that night, evaluated or not (so a
+    run evaluating several nights keeps each night's order without a global step between them)."""
+    from bonewatch.model import partition_of
+
+    pipeline.evaluate(settings, cohort[7])
+    before_alerts, before_courses = state(engine)
+    night = cohort[-1]
+
+    summary = pipeline.evaluate(settings, night, partition=(0, 2))
+
+    after_alerts, after_courses = state(engine)
+    with engine.connect() as conn:
+        owner = {a: partition_of(p, 2) for a, p in conn.execute(select(alerts.c.alert_id, alerts.c.patient_id))}
+        open_ = {a for a, s in conn.execute(select(alerts.c.alert_id, alerts.c.status)) if s != "resolved"}
+        last_seen = dict(conn.execute(select(alerts.c.alert_id, alerts.c.last_seen_on)).all())
+    assert summary.patients < PATIENTS and {owner[a] for a in before_alerts} == {0, 1}
+    assert {a: r for a, r in after_alerts.items() if owner[a] == 1} == \
+        {a: r for a, r in before_alerts.items() if owner[a] == 1}
+    assert [r for r in after_courses if partition_of(r[0], 2) == 1] == \
+        [r for r in before_courses if partition_of(r[0], 2) == 1]
+    assert {a for a in open_ if owner[a] == 0 and str(last_seen[a]) != str(night)} == set()
+    assert {a for a in open_ if owner[a] == 1 and str(last_seen[a]) == str(night)} == set()
+
+
 def test_finishing_evaluates_the_patients_of_a_partition_that_did_not_run(engine, settings, cohort):
     night = cohort[-1]
     pipeline.evaluate(settings, night)
