@@ -11,15 +11,23 @@ queues several events before this DAG runs, every night is evaluated, oldest fir
 
 **What.**
 1. `resolve_nights`: which nights (pure; no retry).
-2. `evaluate_rules`: every rule as of each night; alerts upserted on (patient, rule, episode),
-   so a rerun changes nothing (`bonewatch.pipeline.evaluate`).
-3. `check_feeds`: record each feed's data-quality metrics for the night (arrival against its
+2. `plan_partitions`: the patient partitions, `["0/N", ..., "N-1/N"]` with N from
+   `[airflow] evaluate_partitions` (default 1), read when the run starts (no retry).
+3. `evaluate_rules`, one mapped task a partition (dynamic task mapping), spread over the
+   workers and run side by side: every rule as of each night, oldest first, for the patients of
+   that partition (a stable hash of the patient id); alerts upserted on (patient, rule, episode),
+   so a rerun changes nothing (`bonewatch.pipeline.evaluate(partition=...)`).
+4. `finish_evaluation`, once all partitions succeeded: the night's global step (the open alerts
+   of patients not evaluated are seen tonight), and any patient no partition evaluated
+   (`bonewatch.pipeline.finish_evaluation`). The alerts are those of one whole evaluation.
+5. `check_feeds`: record each feed's data-quality metrics for the night (arrival against its
    deadline, rows, quarantine, expectations, units) and queue an email to the data team about new
    problems (`bonewatch.pipeline.quality_check`); the dashboard reads these.
-4. `send_alerts`, the only task that sends: queue the digests in the outbox and send everything
+6. `send_alerts`, the only task that sends: queue the digests in the outbox and send everything
    it holds, the data team's email included (`bonewatch.pipeline.notify`). It runs once
-   evaluation succeeded, even if `check_feeds` failed (the nurses' alerts never wait on a
-   data-quality problem). Each message is claimed before it is sent, so a retry, or a
+   evaluation succeeded (every partition and the finishing step), even if `check_feeds` failed
+   (the nurses' alerts never wait on a data-quality problem), and never after a failed
+   evaluation. Each message is claimed before it is sent, so a retry, or a
    `bonewatch notify` at the same time, never sends one twice; an alert is marked notified only
    once the SMTP server accepted it, and an SMTP outage delays alerts without losing them.
 
@@ -76,27 +84,56 @@ with DAG(
                                 hospital_zone(load_settings()))
         return [night.isoformat() for night in nights]
 
+    @task(retries=0)
+    def plan_partitions() -> list[str]:
+        """The patient partitions to evaluate side by side: "i/N" for i < N, N from
+        `[airflow] evaluate_partitions` (read here, at run time: parsing does no I/O)."""
+        from bonewatch.config import load_settings
+
+        parts = load_settings().airflow.evaluate_partitions
+        return [f"{i}/{parts}" for i in range(parts)]
+
     # Evaluation writes the alerts to the store (DB I/O): a lost connection or a lock timeout
     # heals on retry, and the upsert keyed on (patient, rule, episode) makes a retry harmless.
+    # Mapped: one task instance a partition, each touching only its own patients.
     @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
           max_retry_delay=timedelta(minutes=10))
-    def evaluate_rules(nights: list[str]) -> list[dict]:
-        """Run every rule as of each night and store the alerts. Out: one summary per night."""
+    def evaluate_rules(nights: list[str], partition: str) -> list[dict]:
+        """Run every rule as of each night for the patients of `partition` ("i/N") and store
+        their alerts. Out: one summary per night."""
+        from datetime import date
+
+        from bonewatch import pipeline
+        from bonewatch.config import load_settings
+        from bonewatch.model import parse_partition
+
+        settings, part = load_settings(), parse_partition(partition)
+        return [pipeline.evaluate(settings, date.fromisoformat(n), partition=part).as_dict() for n in nights]
+
+    # Store I/O, like evaluate_rules. Only the latest night: the partitions saw each earlier
+    # night's unchanged alerts themselves, and finishing an earlier night after a later one was
+    # evaluated would replay it for every patient.
+    @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
+          max_retry_delay=timedelta(minutes=10))
+    def finish_evaluation(nights: list[str]) -> dict:
+        """The step after every partition, once: see the night's unchanged alerts, evaluate any
+        patient left. Out: its EvaluateSummary as a dict (`as_of`: the latest night)."""
         from datetime import date
 
         from bonewatch import pipeline
         from bonewatch.config import load_settings
 
-        settings = load_settings()
-        return [pipeline.evaluate(settings, date.fromisoformat(n)).as_dict() for n in nights]
+        return pipeline.finish_evaluation(load_settings(), date.fromisoformat(max(nights))).as_dict()
 
     # SMTP I/O: an outage leaves the messages pending in the outbox; the retries (5, 10, 20 min)
     # send them, and nothing the server already accepted is sent again. After check_feeds, so
-    # that its email goes out in the same flush; all_done_min_one_success: evaluation must have
-    # succeeded (check_feeds cannot succeed without it), check_feeds need not.
+    # that its email goes out in the same flush; all_done_min_one_success over exactly two
+    # upstream tasks, finish_evaluation and check_feeds: evaluation must have succeeded
+    # (check_feeds cannot succeed without it), check_feeds need not. (The night comes from
+    # finish_evaluation's summary: an edge from resolve_nights would count as the one success.)
     @task(retries=3, retry_delay=timedelta(minutes=5), retry_exponential_backoff=2.0,
           max_retry_delay=timedelta(minutes=30), trigger_rule="all_done_min_one_success")
-    def send_alerts(nights: list[str]) -> dict:
+    def send_alerts(finished: dict) -> dict:
         """Queue the latest night's digests and send what the outbox holds (earlier nights'
         unsent alerts included). Out: the NotifySummary as a dict."""
         from datetime import date
@@ -104,7 +141,7 @@ with DAG(
         from bonewatch import pipeline
         from bonewatch.config import load_settings
 
-        summary = pipeline.notify(load_settings(), date.fromisoformat(max(nights)))
+        summary = pipeline.notify(load_settings(), date.fromisoformat(finished["as_of"]))
         if summary.failed:
             from bonewatch.errors import AlertDeliveryError
 
@@ -133,11 +170,11 @@ with DAG(
         return out
 
     nights = resolve_nights()
-    evaluated = evaluate_rules(nights)
+    evaluated = evaluate_rules.partial(nights=nights).expand(partition=plan_partitions())
+    finished = finish_evaluation(nights)
     checked = check_feeds(nights)
-    sent = send_alerts(nights)
-    evaluated >> checked >> sent
-    evaluated >> sent        # its own edge: the trigger rule sees evaluation's state directly
+    sent = send_alerts(finished)     # its own edge: the trigger rule sees evaluation's state directly
+    evaluated >> finished >> checked >> sent
 
 
 if __name__ == "__main__":

@@ -49,6 +49,29 @@ class _Date(click.ParamType):
 DATE = _Date()
 
 
+class _BadValue(click.ClickException):
+    """A bad option value, said in one line (no usage block), exit code 2 as for bad usage."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"bonewatch: {self.format_message()}", err=True)
+
+
+class _Partition(click.ParamType):
+    name = "i/N"
+
+    def convert(self, value, param, ctx):
+        from bonewatch.model import parse_partition
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_partition(value)
+        except ValueError as exc:
+            raise _BadValue(f"--partition {exc}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", type=click.Path(dir_okay=False), envvar="BONEWATCH_CONFIG",
               help="Configuration file (TOML). Default: the packaged default.toml.")
@@ -152,14 +175,28 @@ def pull(ctx: click.Context, sources: tuple[str, ...], partition: str | None) ->
 
 @cli.command()
 @click.option("--as-of", "as_of", type=DATE, required=True, help="The night to evaluate (YYYY-MM-DD).")
+@click.option("--partition", type=_Partition(),
+              help="Evaluate only partition i of N of the patients (0 <= i < N), e.g. 0/4.")
 @click.pass_context
-def evaluate(ctx: click.Context, as_of: date) -> None:
-    """Run every rule as of a night and update the alerts. Running it twice changes nothing."""
+def evaluate(ctx: click.Context, as_of: date, partition: tuple[int, int] | None) -> None:
+    """Run every rule as of a night and update the alerts. Running it twice changes nothing.
+
+    \b
+    Split over processes or hosts: run the N partitions side by side, then once without
+    --partition, which finishes the night (it finds no patient left, and marks the open
+    alerts of the patients not evaluated as seen tonight):
+      bonewatch evaluate --as-of 2025-06-30 --partition 0/2 &
+      bonewatch evaluate --as-of 2025-06-30 --partition 1/2 &
+      wait && bonewatch evaluate --as-of 2025-06-30
+    A patient's partition is a stable hash of its id. Partitions of one split never wait for
+    each other; a whole evaluation waits for them, and they for it.
+    """
     from bonewatch import pipeline
 
-    summary = pipeline.evaluate(_settings(ctx), as_of)
+    summary = pipeline.evaluate(_settings(ctx), as_of, partition=partition)
     rules = ", ".join(f"{rule} {n}" for rule, n in summary.by_rule.items()) or "none"
-    click.echo(f"{as_of}: {summary.patients} patients, {summary.findings} findings ({rules}); "
+    where = f" partition {summary.partition}" if summary.partition else ""
+    click.echo(f"{as_of}{where}: {summary.patients} patients, {summary.findings} findings ({rules}); "
                f"{summary.new_alerts} new alert(s), {summary.resolved_alerts} resolved")
 
 

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from bonewatch.errors import ConfigError
+from bonewatch.model import MAX_PARTITIONS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -113,6 +114,13 @@ class Database(_MaskedUrlRepr):
     # A run that needs a lock another process holds (the same night, the same file, the
     # evaluation) waits this long, then exits 1 naming the holder (`bonewatch.store.locks`).
     lock_wait_s: float = Field(600, ge=0)
+
+
+class Airflow(BaseModel):
+    model_config = _STRICT
+    # The monitor DAG evaluates a night in this many patient partitions, one mapped task each
+    # (read when the run starts, not at parse time); 1: one task.
+    evaluate_partitions: int = Field(1, ge=1, le=MAX_PARTITIONS)
 
 
 class Smtp(BaseModel):
@@ -324,6 +332,7 @@ class Settings(BaseModel):
     model_config = _STRICT
     site: Site
     database: Database = Database()
+    airflow: Airflow = Airflow()
     smtp: Smtp = Smtp()
     recipients: Recipients
     notify: Notify = Notify()
@@ -399,6 +408,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEWATCH_ACK_SECRET": ("notify", "ack_secret"),
     "BONEWATCH_DASHBOARD_PASSWORD": ("quality", "dashboard_password"),
     "BONEWATCH_LOCK_WAIT_S": ("database", "lock_wait_s"),
+    "BONEWATCH_EVALUATE_PARTITIONS": ("airflow", "evaluate_partitions"),
 }
 
 #: Secrets and where they may come from instead of the configuration file.

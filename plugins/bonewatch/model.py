@@ -50,3 +50,28 @@ def alert_id(patient_id: str, rule: str, episode: str) -> str:
     """Stable, opaque alert id: the same (patient, rule, episode) always gives the same id."""
     digest = hashlib.sha256(f"{patient_id}\x1f{rule}\x1f{episode}".encode()).hexdigest()
     return f"A{digest[:15]}"
+
+
+#: the most patient partitions an evaluation may be split into (`bonewatch evaluate --partition`)
+MAX_PARTITIONS = 1024
+
+
+def partition_of(patient_id: str, parts: int) -> int:
+    """The partition (0 .. parts - 1) a patient belongs to when an evaluation is split in `parts`:
+    the first 8 bytes of the SHA-256 of the id, modulo `parts`. The same in every process, host and
+    Python version (unlike `hash()`, which is salted per process)."""
+    return int.from_bytes(hashlib.sha256(str(patient_id).encode()).digest()[:8], "big") % parts
+
+
+def parse_partition(value: str) -> tuple[int, int]:
+    """`"i/N"` as (i, N), with 0 <= i < N <= MAX_PARTITIONS; ValueError with a one-line reason."""
+    text = str(value).strip()
+    left, sep, right = text.partition("/")
+    if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+        raise ValueError(f"{text!r} is not i/N (e.g. 0/4)")
+    part, parts = int(left), int(right)
+    if not 1 <= parts <= MAX_PARTITIONS:
+        raise ValueError(f"{text}: N must be between 1 and {MAX_PARTITIONS}")
+    if part >= parts:
+        raise ValueError(f"{text}: i must be below N (0 .. {parts - 1})")
+    return part, parts

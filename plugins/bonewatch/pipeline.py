@@ -58,6 +58,7 @@ class EvaluateSummary:
     by_rule: dict[str, int] = field(default_factory=dict)
     # wall time of each part: reading history, the rules and the calendar, writing the results
     seconds: dict[str, float] = field(default_factory=dict)
+    partition: str = ""             # "i/N" for one partition of the patients; "" for all of them
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -704,28 +705,68 @@ EVALUATE_BATCH_PATIENTS = 2_500   # patients read and evaluated together (bounds
 
 
 def evaluate(settings: Settings, as_of: date, *, full: bool = False,
-             batch_patients: int = EVALUATE_BATCH_PATIENTS) -> EvaluateSummary:
+             batch_patients: int = EVALUATE_BATCH_PATIENTS,
+             partition: tuple[int, int] | None = None) -> EvaluateSummary:
     """Run every rule as of that night and upsert the alerts (idempotent).
 
     Incremental: only the patients whose findings can have changed since their last evaluation
     are re-evaluated (data loaded since, a due date reached, another rule set, or a night before
     their last one; `bonewatch.incremental`), in batches of `batch_patients`, each with its whole
     history. `full` evaluates every patient. Both give the same alerts. `patients` in the summary
-    counts the patients evaluated; `findings` and `by_rule` are theirs. Waits for an evaluation
-    running in another process (`[database] lock_wait_s`), then raises `Busy`.
+    counts the patients evaluated; `findings` and `by_rule` are theirs.
+
+    `partition` (i, N): only the patients of partition i of N (`model.partition_of`, a stable hash
+    of the patient id), so that N processes (Airflow's mapped tasks, on as many workers) evaluate a
+    night side by side; it reads, writes and resolves its own patients' alerts, course states and
+    index rows only. `finish_evaluation` then runs once, after all N. Without `partition` the
+    whole store is evaluated, finishing included.
+
+    Waits for a conflicting evaluation in another process (`[database] lock_wait_s`), then raises
+    `Busy`: a whole evaluation or a finishing step excludes every other; partitions of one split
+    run together (not two runs of the same partition, nor partitions of splits into different N,
+    which share patients).
     """
+    from bonewatch.model import MAX_PARTITIONS
     from bonewatch.store import locks
 
     engine = engine_for(settings)
-    # One evaluation of the store at a time, whatever the night: two would write the same
-    # patients' alerts and course states in interleaved batches (a backfill beside the nightly run).
-    with locks.hold(engine, "evaluate", wait_s=settings.database.lock_wait_s,
-                    holder=locks.describe(f"evaluate {as_of}")):
-        return _evaluate(engine, settings, as_of, full=full, batch_patients=batch_patients)
+    wait_s = settings.database.lock_wait_s
+    if partition is None:
+        # One whole evaluation of the store at a time, whatever the night: two would write the same
+        # patients' alerts and course states in interleaved batches (a backfill beside the nightly run).
+        with locks.hold(engine, "evaluate", wait_s=wait_s, holder=locks.describe(f"evaluate {as_of}")):
+            return _evaluate(engine, settings, as_of, full=full, batch_patients=batch_patients)
+    part, parts = partition
+    if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts <= MAX_PARTITIONS):
+        raise ValueError(f"partition must be (i, N) with 0 <= i < N <= {MAX_PARTITIONS}, got {partition!r}")
+    holder = locks.describe(f"evaluate {part}/{parts} {as_of}")
+    # "evaluate" shared: the partitions of a split run side by side, a whole evaluation (or the
+    # finishing step) waits for all of them; one split at a time (i/4 and j/2 share patients);
+    # one run of a partition at a time (two nights of partition i/N write the same patients).
+    with (locks.hold(engine, "evaluate", wait_s=wait_s, holder=holder, shared=True),
+          locks.hold_group(engine, "evaluate split in", parts, wait_s=wait_s, holder=holder,
+                           groups=range(1, MAX_PARTITIONS + 1)),
+          locks.hold(engine, f"evaluate {part}/{parts}", wait_s=wait_s, holder=holder)):
+        return _evaluate(engine, settings, as_of, full=full, batch_patients=batch_patients, partition=partition)
+
+
+def finish_evaluation(settings: Settings, as_of: date, *,
+                      batch_patients: int = EVALUATE_BATCH_PATIENTS) -> EvaluateSummary:
+    """The step that runs once after the N partitions of a night (`evaluate(partition=...)`):
+    an unpartitioned incremental evaluation, under the exclusive "evaluate" lock. After every
+    partition it finds no patient left, and only the night's global step runs (the open alerts of
+    patients not evaluated are seen tonight); a patient still to evaluate (a partition that did
+    not run, data loaded meanwhile) is evaluated now and counted in `patients`, with a warning,
+    so the night's alerts equal those of one whole evaluation either way."""
+    summary = evaluate(settings, as_of, batch_patients=batch_patients)
+    if summary.patients:
+        log.warning("finishing %s: %d patient(s) were left by the partitions and evaluated now",
+                    as_of, summary.patients)
+    return summary
 
 
 def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
-              batch_patients: int) -> EvaluateSummary:
+              batch_patients: int, partition: tuple[int, int] | None = None) -> EvaluateSummary:
     import pandas as pd
 
     from bonewatch import incremental, rules
@@ -733,7 +774,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
 
     digest = incremental.rules_digest(settings)
     with engine.connect() as conn:
-        todo = reads.patients_to_evaluate(conn, as_of, digest, full=full)
+        todo = reads.patients_to_evaluate(conn, as_of, digest, full=full, partition=partition)
     cut = pd.Timestamp(as_of)
     by_rule: dict[str, int] = {}
     found = new = resolved = 0
@@ -771,13 +812,17 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
         found, new, resolved = found + len(findings), new + added, resolved + cleared
         for f in findings:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+    # The open alerts of the patients not evaluated are found again tonight by construction. A
+    # partition sees its own patients' (so that a run evaluating several nights keeps each night's
+    # order); the finishing step, everyone's (nothing left after every partition).
     with engine.begin() as conn:
-        alerts.see_unchanged(conn, as_of)
-    log.info("evaluated %s: %d patients, %d findings, %d new alerts, %d resolved "
-             "(read %.1f s, rules %.1f s, write %.1f s)", as_of, len(todo), found, new, resolved,
-             seconds["read"], seconds["rules"], seconds["write"])
+        alerts.see_unchanged(conn, as_of, partition=partition)
+    label = f"{partition[0]}/{partition[1]}" if partition else ""
+    log.info("evaluated %s%s: %d patients, %d findings, %d new alerts, %d resolved "
+             "(read %.1f s, rules %.1f s, write %.1f s)", as_of, f" partition {label}" if label else "",
+             len(todo), found, new, resolved, seconds["read"], seconds["rules"], seconds["write"])
     return EvaluateSummary(as_of.isoformat(), len(todo), found, new, resolved, dict(sorted(by_rule.items())),
-                           {part: round(value, 3) for part, value in seconds.items()})
+                           {part: round(value, 3) for part, value in seconds.items()}, label)
 
 
 def notify(settings: Settings, night: date, *, retry_now: bool = False) -> NotifySummary:

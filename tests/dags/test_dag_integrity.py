@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("airflow")
 # Tasks that touch files, the store or the SMTP server; everything else is pure and must not retry.
 IO_TASKS = {
     "bonewatch_ingest": {"ingest_labs", "ingest_events", "ingest_hl7", "ingest_fhir", "ingest_sql"},
-    "bonewatch_monitor": {"evaluate_rules", "send_alerts", "check_feeds"},
+    "bonewatch_monitor": {"evaluate_rules", "finish_evaluation", "send_alerts", "check_feeds"},
 }
 
 
@@ -81,11 +81,24 @@ def test_asset_handoff_one_task_and_one_asset_per_feed(dagbag):
     assert type(condition).__name__ == "AssetAll", "the monitor waits for every feed, then runs once"
     assert list(condition.objects) == list(FEED_ASSETS.values())
     # one sending task: after the data-quality check (its email goes in the same flush), and
-    # run whenever evaluation succeeded, even if the check failed
+    # run whenever evaluation succeeded, even if the check failed; with the trigger rule's "one
+    # success" taken from exactly these two (an upstream resolve_nights would let it send after
+    # a failed evaluation)
     send = monitor.get_task("send_alerts")
-    assert set(send.upstream_task_ids) == {"evaluate_rules", "check_feeds", "resolve_nights"}
+    assert set(send.upstream_task_ids) == {"finish_evaluation", "check_feeds"}
     assert send.trigger_rule == "all_done_min_one_success"
     assert set(monitor.get_task("check_feeds").downstream_task_ids) == {"send_alerts"}
+    assert set(monitor.get_task("check_feeds").upstream_task_ids) == {"resolve_nights", "finish_evaluation"}
+    # evaluation: one mapped task a partition, then one finishing step after all of them
+    evaluate = monitor.get_task("evaluate_rules")
+    assert "MappedOperator" in {c.__name__ for c in type(evaluate).__mro__}
+    assert list(evaluate.op_kwargs_expand_input.value) == ["partition"]   # mapped over the partitions
+    assert set(evaluate.upstream_task_ids) == {"resolve_nights", "plan_partitions"}
+    finish = monitor.get_task("finish_evaluation")
+    assert set(finish.upstream_task_ids) == {"resolve_nights", "evaluate_rules"}
+    assert finish.trigger_rule == "all_success"
+    assert set(monitor.get_task("resolve_nights").downstream_task_ids) >= {"evaluate_rules", "finish_evaluation"}
+    assert not [t.task_id for t in monitor.tasks if t.task_id != "send_alerts" and "send" in t.task_id]
 
 
 def test_ingest_runs_nightly_in_the_hospital_zone(dagbag):

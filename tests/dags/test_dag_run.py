@@ -62,16 +62,19 @@ def _load_dag(dag_id: str):
 
 
 def _ti_states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    """Task id -> state; a mapped task's instances as "<task_id>[<map index>]"."""
+    return {ti.task_id + (f"[{ti.map_index}]" if ti.map_index >= 0 else ""): str(ti.state)
+            for ti in dag_run.get_task_instances()}
 
 
-def _xcom(dag_run, task_id: str):
+def _xcom(dag_run, task_id: str, map_index: int | None = None):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id,
-                                                 task_ids=task_id, key="return_value")).one()
+                                                 task_ids=task_id, map_indexes=map_index,
+                                                 key="return_value")).one()
         return XComModel.deserialize_value(row)
 
 
@@ -139,12 +142,15 @@ def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_r
     # --- bonewatch_monitor: dag.test() delivers no asset event, so the partition goes in conf ---
     monitor_run = _load_dag("bonewatch_monitor").test(logical_date=None,
                                                       run_conf={"partition": event["partition"]})
-    assert _ti_states(monitor_run) == {"resolve_nights": "success", "evaluate_rules": "success",
+    assert _ti_states(monitor_run) == {"resolve_nights": "success", "plan_partitions": "success",
+                                       "evaluate_rules[0]": "success", "finish_evaluation": "success",
                                        "send_alerts": "success", "check_feeds": "success"}
     assert monitor_run.state == "success"
     assert _xcom(monitor_run, "resolve_nights") == [NIGHT]
-    (evaluated,) = _xcom(monitor_run, "evaluate_rules")
+    assert _xcom(monitor_run, "plan_partitions") == ["0/1"]       # [airflow] evaluate_partitions = 1
+    (evaluated,) = _xcom(monitor_run, "evaluate_rules", map_index=0)
     assert evaluated["as_of"] == NIGHT and evaluated["by_rule"].get("RENAL_HOLD") == 1
+    assert _xcom(monitor_run, "finish_evaluation")["patients"] == 0     # nothing left to finish
     assert _xcom(monitor_run, "send_alerts")["sent"] >= 1
     (checked,) = _xcom(monitor_run, "check_feeds")
     assert checked["night"] == NIGHT and set(checked["feeds"]) >= {"labs"}
@@ -155,6 +161,33 @@ def test_ingest_then_monitor_sends_renal_hold(airflow_db, store, mailbox, fast_r
                  if NURSES in rcpts]
     assert len(to_nurses) == 1
     assert "RENAL_HOLD" in _text(to_nurses[0])
+
+
+def test_monitor_evaluates_in_mapped_partitions_then_sends_once(airflow_db, store, mailbox, fast_retries,
+                                                                 monkeypatch):
+    """`[airflow] evaluate_partitions = 4`: four mapped evaluate_rules instances, the patient in
+    exactly the one its id hashes to, one finishing step, one digest."""
+    from bonewatch import pipeline
+    from bonewatch.model import partition_of
+
+    monkeypatch.setenv("BONEWATCH_EVALUATE_PARTITIONS", "4")
+    pipeline.ingest(store, pipeline.partition_paths(store, date.fromisoformat(NIGHT)), partition=NIGHT)
+
+    run = _load_dag("bonewatch_monitor").test(logical_date=None, run_conf={"partition": NIGHT})
+
+    assert _ti_states(run) == {"resolve_nights": "success", "plan_partitions": "success",
+                               **{f"evaluate_rules[{i}]": "success" for i in range(4)},
+                               "finish_evaluation": "success", "check_feeds": "success", "send_alerts": "success"}
+    assert _xcom(run, "plan_partitions") == ["0/4", "1/4", "2/4", "3/4"]
+    nights = [_xcom(run, "evaluate_rules", map_index=i) for i in range(4)]
+    assert [[s["partition"] for s in per_night] for per_night in nights] == [["0/4"], ["1/4"], ["2/4"], ["3/4"]]
+    owner = partition_of("000123", 4)
+    assert [per_night[0]["patients"] for per_night in nights] == [int(i == owner) for i in range(4)]
+    assert nights[owner][0]["by_rule"] == {"RENAL_HOLD": 1}
+    finished = _xcom(run, "finish_evaluation")
+    assert (finished["as_of"], finished["patients"], finished["partition"]) == (NIGHT, 0, "")
+    to_nurses = [m for m, (_, rcpts) in zip(mailbox.messages, mailbox.envelopes, strict=True) if NURSES in rcpts]
+    assert len(to_nurses) == 1 and "RENAL_HOLD" in _text(to_nurses[0])
 
 
 def test_unreadable_delivery_fails_the_run_and_tells_only_the_data_team(airflow_db, store,

@@ -13,7 +13,7 @@ from datetime import date, datetime
 import pandas as pd
 from sqlalchemy import Connection, bindparam, select, update
 
-from bonewatch.model import Finding
+from bonewatch.model import Finding, partition_of
 from bonewatch.store import audit
 from bonewatch.store.tables import alerts
 from bonewatch.store.writes import _insert
@@ -77,12 +77,22 @@ def sync_findings(conn: Connection, findings: list[Finding], as_of: date,
     return len(new_rows) + len(reopen_rows), len(cleared)
 
 
-def see_unchanged(conn: Connection, as_of: date) -> int:
+def see_unchanged(conn: Connection, as_of: date, partition: tuple[int, int] | None = None) -> int:
     """After an incremental evaluation: the open alerts of the patients not evaluated were found
-    again by construction (no new data, no due date), so they are seen tonight. Returns how many."""
+    again by construction (no new data, no due date), so they are seen tonight. Returns how many.
+    `partition` (i, N): only the alerts of the patients of partition i of N (`model.partition_of`)."""
     c = alerts.c
-    return conn.execute(update(alerts).where(c.status != "resolved", c.last_seen_on < as_of, c.raised_on <= as_of)
-                        .values(last_seen_on=as_of)).rowcount
+    unseen = (c.status != "resolved", c.last_seen_on < as_of, c.raised_on <= as_of)
+    if partition is None or partition[1] == 1:
+        return conn.execute(update(alerts).where(*unseen).values(last_seen_on=as_of)).rowcount
+    part, parts = partition
+    # the partition's hash is computed here, not in SQL (SQLite has no SHA-256)
+    ids = [a for a, patient in conn.execute(select(c.alert_id, c.patient_id).where(*unseen))
+           if partition_of(patient, parts) == part]
+    for start in range(0, len(ids), 5000):
+        conn.execute(update(alerts).where(c.alert_id.in_(ids[start:start + 5000]), *unseen)
+                     .values(last_seen_on=as_of))
+    return len(ids)
 
 
 def acknowledge(conn: Connection, alert_id: str, by: str, at: datetime, *, via: str = "cli") -> str:

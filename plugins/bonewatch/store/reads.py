@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from sqlalchemy import Connection, select
 
-from bonewatch.model import TIMELESS_EVENTS
+from bonewatch.model import TIMELESS_EVENTS, partition_of
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
@@ -156,15 +156,21 @@ def _typed(table: pa.Table, columns: dict[str, str]) -> pd.DataFrame:
 # the evaluation index
 
 
-def patients_to_evaluate(conn: Connection, as_of: date, digest: str, *, full: bool = False) -> pd.DataFrame:
+def patients_to_evaluate(conn: Connection, as_of: date, digest: str, *, full: bool = False,
+                         partition: tuple[int, int] | None = None) -> pd.DataFrame:
     """Patients whose findings as of `as_of` may differ from those of their last evaluation:
     data loaded since (visible by `as_of`), a due date reached, a different rule set, or a night
-    replayed before their last one. Columns: patient_id, dirty_seq. `full`: every patient."""
+    replayed before their last one. Columns: patient_id, dirty_seq. `full`: every patient.
+    `partition` (i, N): only the patients of partition i of N (`model.partition_of`)."""
     p = patient_index.c
     query = select(p.patient_id, p.dirty_seq)
     if not full:
         query = query.where((p.dirty_from <= as_of) | (p.next_due_on <= as_of) | (p.evaluated_on > as_of)
                             | p.evaluated_with.is_(None) | (p.evaluated_with != digest))
     rows = conn.execute(query.order_by(p.patient_id)).all()
+    if partition is not None and partition[1] > 1:
+        # in Python: SQLite has no SHA-256, and the hash must be the same on both stores
+        part, parts = partition
+        rows = [r for r in rows if partition_of(r[0], parts) == part]
     return pd.DataFrame({"patient_id": pd.Series([r[0] for r in rows], dtype="str"),
                          "dirty_seq": np.array([r[1] for r in rows], dtype="int64")})
