@@ -6,9 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test acceptance bench faults lock clean
 
-$(STAMP): requirements.lock pyproject.toml
+# The development venv: the runtime lock (what the Docker image installs) and, on top, the
+# development lock (the same pins plus pytest, playwright, duckdb, ruff...). pip refuses to go on
+# if the two ever disagree. After editing requirements.lock: python3 scripts/split_lock.py.
+$(STAMP): requirements.runtime.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.runtime.lock -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -36,9 +39,11 @@ bench: $(STAMP)
 	bash scripts/ensure-postgres
 	$(BIN)/python -m bench.run
 
-# Re-pin every dependency (needs uv; run by a maintainer, not by the two commands).
+# Re-pin every dependency (needs uv; run by a maintainer, not by the two commands), then derive
+# the runtime lock from it (scripts/split_lock.py: the closure of requirements.runtime.in).
 lock:
 	uv pip compile requirements.in --python-version 3.11 -o requirements.lock --custom-compile-command "make lock"
+	$(PYTHON) scripts/split_lock.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache data

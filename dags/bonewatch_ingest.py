@@ -23,9 +23,11 @@ does not block the night: the asset is still updated from what could be read, th
 email. An unreachable SQL source retries with back-off and, on its last try, is reported the same
 way.
 
-**Failures and lateness** email the data team (`[recipients] data_team`), never the nurses: a
-task's final failure (after its retries), and a run still unfinished after 4 hours (05:30, before
-the day shift reads the digests), which `dagrun_timeout` stops.
+**Failures and lateness** email the data team (`[recipients] data_team`), never the nurses: one
+email per failed run, listing every task that failed after its retries (the store down for the
+night is one email naming the five feed tasks, not five emails), and a run still unfinished after
+4 hours (05:30, before the day shift reads the digests), which `dagrun_timeout` stops. An
+unreadable delivery is the same one email, titled UNREADABLE DELIVERY.
 
 **Past nights.** `catchup` is off: a paused or new DAG does not flood the store with old nights.
 Re-load nights with `airflow backfill create --dag-id bonewatch_ingest --from-date D1 --to-date D2`
@@ -49,11 +51,15 @@ from bonewatch.orchestration import (
 
 TIMEZONE = schedule_timezone()
 
-# Only I/O tasks retry: a flaky share or a locked database heals, a bug does not.
+# Only I/O tasks retry: a flaky share or a locked database heals, a bug does not. Airflow waits
+# between retry_delay * 2^(k-1) and twice that before retry k (a per-try jitter it always adds to
+# exponential backoff): 1-2, 2-4, 4-8 minutes, so a feed fails for good within 14 minutes.
+# tests/dags/test_dag_integrity.py computes the delays through Airflow's own code against the
+# "Retries:" line of each task's docstring.
 IO_RETRIES = {
     "retries": 3,
-    "retry_delay": timedelta(minutes=2),
-    "retry_exponential_backoff": 2.0,  # 2, 4, 8 minutes
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
 }
 
@@ -82,6 +88,8 @@ with DAG(
         {"partition": night} (`bonewatch.orchestration.ingest_feed`).
 
         In: the feed, the run's logical date (or conf `partition`). Out: the IngestSummary as a dict.
+
+        Retries: 3, after 1-2, 2-4, 4-8 min.
         """
         from bonewatch.orchestration import ingest_feed
 

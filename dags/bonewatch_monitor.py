@@ -31,8 +31,9 @@ queues several events before this DAG runs, every night is evaluated, oldest fir
    `bonewatch notify` at the same time, never sends one twice; an alert is marked notified only
    once the SMTP server accepted it, and an SMTP outage delays alerts without losing them.
 
-**Failures and lateness** email the data team, never the nurses: a task's final failure, and a
-run still unfinished after 2 hours, which `dagrun_timeout` stops.
+**Failures and lateness** email the data team, never the nurses: one email per failed run,
+listing every task that failed after its retries, and a run still unfinished after 2 hours,
+which `dagrun_timeout` stops.
 
 **Past nights.** `catchup` is off on purpose; it has no effect on an asset schedule anyway.
 Past nights are re-evaluated by backfilling `bonewatch_ingest` (each run updates the asset) or by
@@ -95,12 +96,16 @@ with DAG(
 
     # Evaluation writes the alerts to the store (DB I/O): a lost connection or a lock timeout
     # heals on retry, and the upsert keyed on (patient, rule, episode) makes a retry harmless.
-    # Mapped: one task instance a partition, each touching only its own patients.
+    # Mapped: one task instance a partition, each touching only its own patients. Airflow waits
+    # between retry_delay * 2^(k-1) and twice that before retry k (its jitter).
     @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
           max_retry_delay=timedelta(minutes=10))
     def evaluate_rules(nights: list[str], partition: str) -> list[dict]:
         """Run every rule as of each night for the patients of `partition` ("i/N") and store
-        their alerts. Out: one summary per night."""
+        their alerts. Out: one summary per night.
+
+        Retries: 2, after 1-2, 2-4 min.
+        """
         from datetime import date
 
         from bonewatch import pipeline
@@ -117,7 +122,10 @@ with DAG(
           max_retry_delay=timedelta(minutes=10))
     def finish_evaluation(nights: list[str]) -> dict:
         """The step after every partition, once: see the night's unchanged alerts, evaluate any
-        patient left. Out: its EvaluateSummary as a dict (`as_of`: the latest night)."""
+        patient left. Out: its EvaluateSummary as a dict (`as_of`: the latest night).
+
+        Retries: 2, after 1-2, 2-4 min.
+        """
         from datetime import date
 
         from bonewatch import pipeline
@@ -125,17 +133,21 @@ with DAG(
 
         return pipeline.finish_evaluation(load_settings(), date.fromisoformat(max(nights))).as_dict()
 
-    # SMTP I/O: an outage leaves the messages pending in the outbox; the retries (5, 10, 20 min)
-    # send them, and nothing the server already accepted is sent again. After check_feeds, so
-    # that its email goes out in the same flush; all_done_min_one_success over exactly two
-    # upstream tasks, finish_evaluation and check_feeds: evaluation must have succeeded
-    # (check_feeds cannot succeed without it), check_feeds need not. (The night comes from
-    # finish_evaluation's summary: an edge from resolve_nights would count as the one success.)
-    @task(retries=3, retry_delay=timedelta(minutes=5), retry_exponential_backoff=2.0,
-          max_retry_delay=timedelta(minutes=30), trigger_rule="all_done_min_one_success")
+    # SMTP I/O: an outage leaves the messages pending in the outbox; the retries (after 2.5-5, 5-10
+    # and 10-20 min: Airflow waits between retry_delay * 2^(k-1) and twice that) send them, and
+    # nothing the server already accepted is sent again. After check_feeds, so that its email
+    # goes out in the same flush; all_done_min_one_success over exactly two upstream tasks,
+    # finish_evaluation and check_feeds: evaluation must have succeeded (check_feeds cannot
+    # succeed without it), check_feeds need not. (The night comes from finish_evaluation's
+    # summary: an edge from resolve_nights would count as the one success.)
+    @task(retries=3, retry_delay=timedelta(seconds=150), retry_exponential_backoff=2.0,
+          max_retry_delay=timedelta(minutes=20), trigger_rule="all_done_min_one_success")
     def send_alerts(finished: dict) -> dict:
         """Queue the latest night's digests and send what the outbox holds (earlier nights'
-        unsent alerts included). Out: the NotifySummary as a dict."""
+        unsent alerts included). Out: the NotifySummary as a dict.
+
+        Retries: 3, after 2.5-5, 5-10, 10-20 min.
+        """
         from datetime import date
 
         from bonewatch import pipeline
@@ -151,10 +163,13 @@ with DAG(
         return summary.as_dict()
 
     # Store I/O; recording is keyed on (night, feed) and each problem is queued once.
-    @task(retries=2, retry_delay=timedelta(minutes=2), retry_exponential_backoff=2.0,
+    @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
           max_retry_delay=timedelta(minutes=20))
     def check_feeds(nights: list[str]) -> list[dict]:
-        """Record the data-quality metrics of each night's feeds. Out: one summary per night."""
+        """Record the data-quality metrics of each night's feeds. Out: one summary per night.
+
+        Retries: 2, after 1-2, 2-4 min.
+        """
         from dataclasses import asdict
         from datetime import date
 

@@ -1,5 +1,5 @@
 """Small helpers the Airflow DAGs call: the shared Asset, the schedule's time zone, which night a
-run processes, and the data-team notifications (failed task, late run).
+run processes, and the data-team notifications (one email per failed or late run).
 
 Import cost matters here: the DAG processor imports this module at parse time, so the top level
 only touches the standard library and `airflow.sdk.Asset`. Settings, pandas and the store are
@@ -11,12 +11,14 @@ an operational problem is not a clinical finding.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import smtplib
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -177,9 +179,32 @@ def ingest_feed(feed: str, context: Mapping[str, Any]) -> dict:
 
 
 # ---- data-team notifications -------------------------------------------------------------------
+#
+# One failed run, one email. A task's final failure is *recorded* by the task callback (an XCom
+# `FAILURE_KEY` on the failed task: its exception's type, or bonewatch's own one-line message, the
+# try and where its log is); the DAG callback, which Airflow calls once when the run fails, reads
+# the records of every failed task and sends one email listing them. A store outage that fails the
+# five feed tasks of bonewatch_ingest is one email, not five. A DAG without a run-level callback
+# still hears from each failed task (`email_data_team_on_failure` mails when nobody else will).
 
-def send_to_data_team(subject: str, body: str, settings=None) -> None:
-    """Email the data team through the configured SMTP server (settings.smtp).
+#: The XCom key of a failed task's record (a dict, no patient data: see `_error_line`).
+FAILURE_KEY = "bonewatch_failure"
+
+#: The domain of the data team's Message-IDs (the digests use the same: `notify.outbox`).
+MESSAGE_ID_DOMAIN = "bonewatch"
+
+
+def data_team_message_id(*parts: Any) -> str:
+    """A stable Message-ID for a data-team email about `parts` (e.g. dag_id, run_id): sent again
+    for the same run (a resend, a retried callback), it carries the same id, so clients that
+    de-duplicate on it show it once."""
+    key = "/".join(str(part) for part in parts)
+    return f"<bonewatch.ops.{hashlib.sha256(key.encode()).hexdigest()[:24]}@{MESSAGE_ID_DOMAIN}>"
+
+
+def send_to_data_team(subject: str, body: str, settings=None, *, message_id: str | None = None) -> None:
+    """Email the data team through the configured SMTP server (settings.smtp), with `Date:`,
+    `Message-ID:` (`message_id`, else a fresh one) and `Auto-Submitted:` headers.
 
     Plain `smtplib`: this path must work when the rest of bonewatch is what broke.
     """
@@ -193,6 +218,10 @@ def send_to_data_team(subject: str, body: str, settings=None) -> None:
     message["From"] = smtp.sender
     message["To"] = ", ".join(settings.recipients.data_team)
     message["Subject"] = subject
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = message_id or make_msgid(idstring="bonewatch.ops", domain=MESSAGE_ID_DOMAIN)
+    # RFC 3834: out-of-office replies and auto-responders must not answer a robot.
+    message["Auto-Submitted"] = "auto-generated"
     message.set_content(body)
     with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s) as client:
         if smtp.starttls:
@@ -234,71 +263,193 @@ def _error_line(error: BaseException | None) -> str:
     return f"{type(error).__name__} (the message is in the log)"
 
 
-def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
-    """Task `on_failure_callback` (final failure, after the retries): tell the data team.
-
-    The email carries the DAG, the task, the run, the try, the night and the exception's *type*
-    with a pointer to the task log, never the message of an exception bonewatch did not write
-    (`_error_line`): a database error quotes the SQL parameters (patient ids, values) and a
-    library's parser error the line it read. The message and the traceback are in the task log.
-
-    Runs in the task's process. Never raises: a broken mail server must not hide the original
-    error in the task log.
-    """
+def failure_record(context: Mapping[str, Any]) -> dict:
+    """What the data team may read about one failed task, from its callback context: task (with
+    `[map index]` for a mapped task), try, the error line (`_error_line`) and the log pointer."""
     ti = context.get("task_instance") or context.get("ti")
     dag_run = context.get("dag_run")
     dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
     task_id = getattr(ti, "task_id", "?")
+    map_index = getattr(ti, "map_index", None)
+    if isinstance(map_index, int) and map_index >= 0:
+        task_id = f"{task_id}[{map_index}]"
     run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", "?")
     try_number = getattr(ti, "try_number", "?")
     error = context.get("exception")
+    return {"task": task_id, "try": str(try_number), "error": _error_line(error),
+            "error_type": type(error).__name__ if error is not None else "",
+            "log": _log_pointer(ti, dag_id, task_id, run_id, try_number)}
+
+
+def email_data_team_on_failure(context: Mapping[str, Any]) -> None:
+    """Task `on_failure_callback` (final failure, after the retries): record the failure for the
+    run's email (XCom `FAILURE_KEY`), and email the data team only when the DAG has no run-level
+    callback to do it (`email_data_team_on_run_failure`: one email per failed run).
+
+    The record carries the exception's *type* and a pointer to the task log, never the message of
+    an exception bonewatch did not write (`_error_line`): a database error quotes the SQL
+    parameters (patient ids, values) and a library's parser error the line it read. The message
+    and the traceback are in the task log.
+
+    Runs in the task's process. Never raises: a broken mail server or API must not hide the
+    original error in the task log.
+    """
+    record = failure_record(context)
+    ti = context.get("task_instance") or context.get("ti")
+    try:
+        if ti is not None and hasattr(ti, "xcom_push"):
+            ti.xcom_push(key=FAILURE_KEY, value=record)
+    except Exception:  # noqa: BLE001 - the run's email then lists the task without its error type
+        log.exception("could not record the failure of %s for the run's email", record["task"])
+    dag = context.get("dag") or getattr(ti, "task", None) and getattr(ti.task, "dag", None)
+    if dag is not None and getattr(dag, "on_failure_callback", None):
+        return                          # the run's callback sends the one email
+    dag_run = context.get("dag_run")
+    dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", "?")
+    run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", "?")
     lines = [
-        f"The Airflow task {dag_id}.{task_id} failed (after any retries it has).",
+        f"The Airflow task {dag_id}.{record['task']} failed (after any retries it has).",
         "",
         f"run:      {run_id}",
-        f"try:      {try_number}",
+        f"try:      {record['try']}",
         f"logical:  {context.get('logical_date')}",
         f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
-        f"error:    {_error_line(error)}",
-        f"log:      {_log_pointer(ti, dag_id, task_id, run_id, try_number)}",
+        f"error:    {record['error']}",
+        f"log:      {record['log']}",
         "",
         "Nurses were not notified of this failure. Tonight's alerts may be late or missing until "
         "the run is repaired and cleared.",
     ]
     try:
-        send_to_data_team(f"[bonewatch] FAILED {dag_id}.{task_id} ({run_id})", "\n".join(lines))
+        send_to_data_team(f"[bonewatch] FAILED {dag_id}.{record['task']} ({run_id})", "\n".join(lines),
+                          message_id=data_team_message_id(dag_id, run_id, record["task"]))
     except Exception:  # noqa: BLE001 - a callback must not raise (an SMTP error quotes no patient data)
-        log.exception("could not email the data team about the failure of %s.%s", dag_id, task_id)
+        log.exception("could not email the data team about the failure of %s.%s", dag_id, record["task"])
+
+
+def _task_states(dag_id: str, run_id: str) -> dict[str, str]:
+    """{task id or "task_id_<map index>": state} of a run, from where the callback runs: through the
+    supervisor's channel (the DAG processor, in a deployment), else, in an in-process run
+    (`dag.test()`, `airflow dags test`, which run the callback beside the metadata database), from
+    that database."""
+    from airflow.sdk.execution_time import task_runner
+
+    if getattr(task_runner, "SUPERVISOR_COMMS", None) is not None:
+        states = task_runner.RuntimeTaskInstance.get_task_states(dag_id=dag_id, run_ids=[run_id])
+        return {key: str(state) for key, state in (states.get(run_id) or {}).items()}
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(select(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.state)
+                               .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)).all()
+    return {task if index < 0 else f"{task}_{index}": str(state) for task, index, state in rows}
+
+
+def _failure_of(dag_id: str, run_id: str, task_id: str, map_index: int) -> Mapping[str, Any] | None:
+    """The record the failed task's callback left (`FAILURE_KEY`), or None."""
+    from airflow.sdk.execution_time import task_runner
+
+    if getattr(task_runner, "SUPERVISOR_COMMS", None) is not None:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        value = XCom.get_one(key=FAILURE_KEY, dag_id=dag_id, task_id=task_id, run_id=run_id,
+                             map_index=map_index)
+    else:
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            row = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, task_ids=task_id,
+                                                     map_indexes=map_index, key=FAILURE_KEY)).first()
+            value = XComModel.deserialize_value(row) if row is not None else None
+    return value if isinstance(value, Mapping) else None
+
+
+def _split_key(key: str, task_ids: set[str]) -> tuple[str, int]:
+    """(task id, map index) of a key of `_task_states` ("task" or "task_<map index>")."""
+    if key in task_ids:
+        return key, -1
+    task, _, index = key.rpartition("_")
+    return (task, int(index)) if index.isdigit() and task in task_ids else (key, -1)
+
+
+def run_failures(dag_id: str, run_id: str, task_ids: Iterable[str]) -> list[dict]:
+    """Every failed task of a run, each with its failure record (`failure_record`), or, for a task
+    that left none (killed, out of memory, stopped by the run's timeout), its coordinates. Sorted by
+    task. Raises what the Airflow API raises; the callback falls back to the task it was given."""
+    ids = set(task_ids)
+    failed = []
+    for key, state in sorted(_task_states(dag_id, run_id).items()):
+        if state != "failed":
+            continue
+        task_id, map_index = _split_key(key, ids)
+        record = _failure_of(dag_id, run_id, task_id, map_index)
+        shown = task_id if map_index < 0 else f"{task_id}[{map_index}]"
+        failed.append(dict(record) if record else {
+            "task": shown, "try": "?", "error": "not recorded (the task was killed, lost or stopped "
+                                                 "by the run's timeout)", "error_type": "",
+            "log": f"Airflow task log of {dag_id} / run {run_id} / task {shown}"})
+    return failed
 
 
 def email_data_team_on_run_failure(context: Mapping[str, Any]) -> None:
-    """DAG `on_failure_callback`: tell the data team about a run that failed *without* a failed
-    task, i.e. a late run stopped by `dagrun_timeout` ("timed_out") or a deadlocked one.
+    """DAG `on_failure_callback`, called once when a run fails: one email to the data team listing
+    every failed task with its error line and log pointer (`run_failures`).
 
-    A task's own failure already sent its email (`email_data_team_on_failure`), so "task_failure"
-    is skipped here: one incident, one email. Runs in the DAG processor. Never raises.
+    Reasons: "task_failure" (tasks failed after their retries), "timed_out" (a late run stopped by
+    `dagrun_timeout`: LATE), or a deadlock. An unreadable delivery (`DeliveriesUnreadable` from
+    `check_deliveries`) is one of the listed failures; the email then says the night's readable
+    files were loaded. The Message-ID is stable per (dag_id, run_id). Runs in the DAG processor
+    (in-process under `dag.test()`). Never raises.
     """
     reason = str(context.get("reason") or "")
-    if reason == "task_failure":
-        return
     dag_run = context.get("dag_run")
     dag = context.get("dag")
     dag_id = getattr(dag_run, "dag_id", None) or getattr(dag, "dag_id", "?")
     run_id = getattr(dag_run, "run_id", None) or context.get("run_id") or "?"
+    try:
+        failures = run_failures(dag_id, run_id, getattr(dag, "task_ids", None) or [])
+    except Exception:  # noqa: BLE001 - the API or the DB is what broke: fall back to what the context holds
+        log.exception("could not list the failed tasks of %s / %s", dag_id, run_id)
+        ti = context.get("task_instance") or context.get("ti")
+        failures = [{**failure_record(context), "error": "see the task log"}] if ti is not None else []
     timeout = getattr(dag, "dagrun_timeout", None)
     late = reason == "timed_out"
-    what = f"did not finish within its timeout ({timeout})" if late else f"failed ({reason})"
-    lines = [
-        f"The Airflow run {dag_id} / {run_id} {what}; its unfinished tasks were stopped.",
-        f"started:  {getattr(dag_run, 'start_date', '?')}",
-        f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
-        "",
-        "Nurses were not notified of this problem. Tonight's alerts may be late or missing until "
-        "the run is repaired and cleared; check the scheduler, the workers and the task logs.",
-    ]
+    unreadable_only = bool(failures) and all(f.get("error_type") == DeliveriesUnreadable.__name__
+                                             for f in failures)
+    if late:
+        what = f"did not finish within its timeout ({timeout}); its unfinished tasks were stopped"
+    elif reason == "task_failure":
+        what = f"failed: {len(failures)} task(s) failed after their retries"
+    else:
+        what = f"failed ({reason or 'no reason given'})"
+    lines = [f"The Airflow run {dag_id} / {run_id} {what}.",
+             f"started:  {getattr(dag_run, 'start_date', '?')}",
+             f"night:    {_partition_of(getattr(dag_run, 'conf', None))}",
+             ""]
+    for failure in failures:
+        lines += [f"task:     {failure.get('task', '?')} (try {failure.get('try', '?')})",
+                  f"error:    {failure.get('error', '?')}",
+                  f"log:      {failure.get('log', '?')}",
+                  ""]
+    if unreadable_only:
+        lines.append("The night's readable files were loaded and the nurses' alerts evaluated without "
+                     "the files above. Put a corrected file in the inbox and clear the run: files "
+                     "already loaded are skipped.")
+    else:
+        lines.append("Nurses were not notified of this problem. Tonight's alerts may be late or missing "
+                     "until the run is repaired and cleared; check the scheduler, the workers and the "
+                     "task logs.")
+    tasks = [str(f.get("task", "?")) for f in failures]
+    named = (f"{dag_id}.{tasks[0]}" if len(tasks) == 1 else
+             f"{dag_id}: {', '.join(tasks[:3])}{f' +{len(tasks) - 3} more' if len(tasks) > 3 else ''}"
+             if tasks else dag_id)
+    kind = "LATE" if late else "UNREADABLE DELIVERY" if unreadable_only else "FAILED"
     try:
-        send_to_data_team(f"[bonewatch] {'LATE' if late else 'FAILED'} {dag_id} ({run_id})",
-                          "\n".join(lines))
+        send_to_data_team(f"[bonewatch] {kind} {named} ({run_id})", "\n".join(lines),
+                          message_id=data_team_message_id(dag_id, run_id))
     except Exception:  # noqa: BLE001 - a callback must not raise
         log.exception("could not email the data team about the run %s", run_id)
 

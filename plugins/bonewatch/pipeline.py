@@ -486,18 +486,22 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
     engine = engine_for(settings)
     summary = IngestSummary()
     with _progress(progress, "ingest", len(refused) + len(files)) as advance:
-        # A path of no known format is reported by the task of the main feed (labs).
+        # A refused path is reported by the task of the feed its name gives; one whose name
+        # gives none, by the task of the main feed (labs).
         for failure in refused:
-            if feed in (None, "labs"):
+            meant = sources.feed_of_name(Path(failure.path).name)
+            if feed is None or feed == (meant or "labs"):
                 summary.files += 1
-                _fail(engine, summary, Path(failure.path), failure, None, partition, read=False)
+                _fail(engine, summary, Path(failure.path), failure, None, partition, read=False,
+                      feed=meant)
             advance()
         for path in files:
             try:
                 fmt, unreadable = sources.detect_format(path), None
             except FILE_FAULTS as exc:
                 fmt, unreadable = None, _unreadable(path, exc)
-            if feed is not None and (sources.FEED_OF_FORMAT[fmt] if fmt else "labs") != feed:
+            meant = sources.FEED_OF_FORMAT[fmt] if fmt else sources.feed_of_name(path.name)
+            if feed is not None and (meant or "labs") != feed:
                 advance()
                 continue
             summary.files += 1
@@ -512,9 +516,9 @@ def ingest(settings: Settings, paths: Iterable[str | Path], *, partition: str | 
                 # this file fails alone (reported, not recorded: the other may still load it)
                 _fail(engine, summary, path, SourceUnreadable(
                     path, None, f"being loaded by another process ({exc.holder}); run again once it has finished"),
-                    None, partition, read=False)
+                    None, partition, read=False, feed=meant)
             except FILE_FAULTS as exc:
-                _fail(engine, summary, path, _unreadable(path, exc), delivery_id, partition)
+                _fail(engine, summary, path, _unreadable(path, exc), delivery_id, partition, feed=meant)
             else:
                 _count(summary, path, loaded)
             advance()
@@ -572,10 +576,12 @@ def _count(summary: IngestSummary, path: Path, loaded: Loaded | None) -> None:
 
 
 def _fail(engine: Engine, summary: IngestSummary, path: Path, failure: SourceUnreadable, delivery_id: str | None,
-          partition: str | None, *, read: bool = True) -> None:
+          partition: str | None, *, read: bool = True, feed: str | None = None) -> None:
     """Report a file that failed, and record it in the ledger as failed when its bytes can be
-    hashed (`read=False`: never open it, e.g. a link out of the inbox). A delivery the ledger has
-    as loaded stays loaded."""
+    hashed (`read=False`: never open it, e.g. a link out of the inbox), under `feed` (from its
+    format or name; None: the pseudo-feed "unreadable"). A delivery the ledger has as loaded stays
+    loaded."""
+    from bonewatch.ingest import sources
     from bonewatch.store import writes
 
     summary.failed_files += 1
@@ -591,7 +597,7 @@ def _fail(engine: Engine, summary: IngestSummary, path: Path, failure: SourceUnr
     with engine.begin() as conn:
         if writes.delivery_status(conn, delivery_id) != "loaded":
             writes.record_delivery(conn, _empty_ledger_row(
-                {"feed": "unknown", "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
+                {"feed": feed or sources.UNREADABLE_FEED, "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
                  "partition": partition, "received_at": _now()}, delivery_id, "failed", str(failure)[:1000]))
 
 

@@ -1096,20 +1096,21 @@ def _clear(out: Path) -> None:
 def _write_delivery(folder: Path, labs: list[tuple], events: list[tuple], fmt: str) -> None:
     """One delivery folder's files in the chosen format: CSV (labs.csv, events.csv), HL7 v2
     (labs.hl7; clinical events stay CSV, ORU carries results only), a FHIR Bundle (bundle.json,
-    labs and events together) or FHIR bulk NDJSON (one file a resource type)."""
+    labs and events together) or FHIR bulk NDJSON (one file a resource type).
+
+    A CSV feed with no rows (None) still sends its header-only file, as real feeds do: a night
+    without that file is the feed missing, and the data-quality check says so in red. (HL7 has no
+    header-only file: an ORU feed with nothing to send sends nothing.)"""
     if fmt == "csv":
-        if labs is not None:
-            _write_csv(folder / "labs.csv", LAB_HEADER, labs)
-        if events is not None:
-            _write_csv(folder / "events.csv", EVENT_HEADER, events)
+        _write_csv(folder / "labs.csv", LAB_HEADER, labs or [])
+        _write_csv(folder / "events.csv", EVENT_HEADER, events or [])
     elif fmt == "hl7":
         from bonewatch.ingest import hl7
 
         if labs:
             folder.mkdir(parents=True, exist_ok=True)
             hl7.write_hl7(folder / "labs.hl7", labs)
-        if events is not None:
-            _write_csv(folder / "events.csv", EVENT_HEADER, events)
+        _write_csv(folder / "events.csv", EVENT_HEADER, events or [])
     elif fmt in ("fhir", "ndjson"):
         from bonewatch.ingest import fhir
 
@@ -1130,7 +1131,7 @@ def generate(out: Path, patients: int = 60, seed: int = 7, last_night: date = da
     nights end there (>= 14), and the format of the feeds (`FORMATS`: csv, hl7, fhir, ndjson; the
     same cohort in each). Out, under `out`: `history/` (everything before the first night),
     `inbox/YYYY-MM-DD/` (what was collected or happened that day; only days with rows), each with
-    `labs.csv` + `events.csv` (csv), `labs.hl7` + `events.csv` (hl7), `bundle.json` (fhir) or one
+    `labs.csv` + `events.csv` (csv; header only for a feed without rows that day), `labs.hl7` + `events.csv` (hl7), `bundle.json` (fhir) or one
     `<ResourceType>.ndjson` a resource type (ndjson); `expected_alerts.jsonl` (one {patient_id, rule, raised_on, scenario} a
     line, sorted) and `manifest.json` (counts, and `patient_scenarios`: patient_id -> scenario).
     The same arguments always give byte-identical files.

@@ -147,3 +147,46 @@ def test_parsing_is_cheap():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _promised_gaps(doc: str) -> tuple[int, list[tuple[float, float]]]:
+    """("Retries: 3, after 1-2, 2-4, 4-8 min." in a task's docstring) -> (3, [(1, 2), (2, 4), (4, 8)])."""
+    import re
+
+    found = re.search(r"Retries: (\d+), after ([\d.\-, ]+) min\.", doc or "")
+    assert found, "a retrying task states its retry delays in its docstring"
+    gaps = [tuple(float(x) for x in part.strip().split("-")) for part in found.group(2).split(",")]
+    return int(found.group(1)), gaps
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_retry_delays_are_the_ones_the_tasks_state(dagbag, dag_id):
+    """Airflow's own code (the scheduler's `TaskInstance.next_retry_datetime`, on the task as the
+    scheduler deserializes it) gives, for retry k, delays within the range each task's docstring
+    states, and reaches both ends of it. (Airflow 3.3.2 waits between retry_delay * m^(k-1) and
+    twice that: the first retry is not multiplied, and the jitter can double every delay.)"""
+    from datetime import UTC, datetime
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dagbag.dags[dag_id]))
+    end = datetime(2025, 3, 11, 1, 30, tzinfo=UTC)
+    checked = 0
+    for task in dag.tasks:
+        if not task.retries:
+            continue
+        retries, gaps = _promised_gaps(dagbag.dags[dag_id].get_task(task.task_id).doc_md)
+        assert retries == task.retries and len(gaps) == retries, task.task_id
+        ti = TaskInstance(task=task, run_id="r", dag_version_id=None)
+        ti.end_date = end
+        for k, (low, high) in enumerate(gaps, start=1):
+            ti.try_number = k     # the try that just failed: retry k follows try k
+            delays = []
+            for day in [None, *range(300)]:   # the jitter is a hash of the logical date and the try
+                ti.logical_date = None if day is None else end + timedelta(days=day)
+                delays.append((ti.next_retry_datetime() - end).total_seconds() / 60)
+            assert low <= min(delays) < low * 1.05, (task.task_id, k, min(delays))
+            assert high * 0.95 < max(delays) <= high, (task.task_id, k, max(delays))
+        checked += 1
+    assert checked == len(IO_TASKS[dag_id])

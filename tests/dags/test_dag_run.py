@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import textwrap
 from datetime import UTC, date, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
@@ -206,8 +207,36 @@ def test_unreadable_delivery_fails_the_run_and_tells_only_the_data_team(airflow_
         asset.uri: "2025-04-01" for asset in orchestration.FEED_ASSETS.values()}
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     (message,) = mailbox.messages
-    assert "bonewatch_ingest.check_deliveries" in message["Subject"]
-    assert "broken.csv, line 1" in _text(message)
+    assert " ".join(message["Subject"].split()).startswith(
+        "[bonewatch] UNREADABLE DELIVERY bonewatch_ingest.check_deliveries")
+    text = _text(message)
+    assert "DeliveriesUnreadable: 1 file(s) or source(s) could not be read" in text
+    assert "broken.csv, line 1" in text and "readable files were loaded" in text
+    assert message["Date"] and message["Message-ID"] == orchestration.data_team_message_id(
+        "bonewatch_ingest", run.run_id)
+
+
+def test_store_outage_fails_every_feed_task_and_sends_one_email(airflow_db, store, mailbox,
+                                                                fast_retries, monkeypatch):
+    """Five feed tasks fail on the same outage: the data team gets one email for the run, naming
+    each task with its error (bonewatch's own line, never the database driver's message) and its log."""
+    monkeypatch.setenv("BONEWATCH_DATABASE_URL",
+                       "postgresql+psycopg://bonewatch:ZZSECRET@127.0.0.1:1/store?connect_timeout=2")
+    run = _load_dag("bonewatch_ingest").test(logical_date=LOGICAL_DATE)
+    states = _ti_states(run)
+    assert {states[f"ingest_{feed}"] for feed in orchestration.FEEDS} == {"failed"}
+    assert run.state == "failed"
+    assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]   # one email, not five
+    (message,) = mailbox.messages
+    assert " ".join(message["Subject"].split()).startswith("[bonewatch] FAILED bonewatch_ingest: ")
+    text = _text(message)
+    assert "5 task(s) failed" in text
+    for feed in orchestration.FEEDS:
+        assert f"task:     ingest_{feed} (try 4)" in text        # after its 3 retries
+        assert f"task ingest_{feed} / try 4" in text             # where its log is
+    assert text.count("error:    StoreError: cannot open the store (OperationalError)") == 5
+    assert "ZZSECRET" not in text and "127.0.0.1:1" not in text
+    assert message["Message-ID"] == orchestration.data_team_message_id("bonewatch_ingest", run.run_id)
 
 
 # ---- the helpers the DAGs call ------------------------------------------------------------------
@@ -262,21 +291,44 @@ def test_failed_deliveries_names_the_files():
     assert "bad.csv, line 3" in line
 
 
-def test_failure_callback_emails_the_data_team_only(mailbox):
+PHI_ERROR = ValueError("(psycopg.errors.UniqueViolation) duplicate key: Key (patient_id)=(ZZPHINAME 99887766) "
+                      "[parameters: {'patient_id': 'MRN 99887766', 'value': '1950-02-30'}]")
+
+
+def _failure_context(error: BaseException, *, dag=None, pushed: list | None = None) -> dict:
+    """A task callback's context, as the task runner builds it (the parts the callback reads)."""
+    ti = SimpleNamespace(dag_id="bonewatch_monitor", task_id="send_alerts", run_id="asset_triggered__x",
+                         try_number=4, map_index=-1,
+                         log_url="http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts")
+    if pushed is not None:
+        ti.xcom_push = lambda key, value: pushed.append((key, value))
+    return {"task_instance": ti, "dag": dag, "logical_date": None, "exception": error,
+            "dag_run": SimpleNamespace(run_id="asset_triggered__x",
+                                       conf={"partition": "2025-03-10", "note": "ZZPHINAME"})}
+
+
+def test_task_callback_records_the_failure_and_leaves_the_email_to_the_run(mailbox):
+    """In a DAG with a run-level callback, a failed task sends nothing itself: it records its
+    failure (type, try, log; never a foreign exception's message) for the run's one email."""
+    pushed: list = []
+    dag = SimpleNamespace(dag_id="bonewatch_monitor",
+                          on_failure_callback=orchestration.email_data_team_on_run_failure)
+    orchestration.email_data_team_on_failure(_failure_context(PHI_ERROR, dag=dag, pushed=pushed))
+    assert mailbox.messages == []
+    ((key, record),) = pushed
+    assert key == orchestration.FAILURE_KEY
+    assert record["task"] == "send_alerts" and record["try"] == "4"
+    assert record["error"] == "ValueError (the message is in the log)"
+    assert "http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts" in record["log"]
+    for phi in ("ZZPHINAME", "99887766", "1950-02-30", "duplicate key"):
+        assert phi not in str(record)
+
+
+def test_task_callback_emails_the_data_team_when_no_run_callback_will(mailbox):
     """The data team hears which task failed, the exception's type and where its log is, never the
     exception's message: a database error quotes its SQL parameters (patient data)."""
-    error = ValueError("(psycopg.errors.UniqueViolation) duplicate key: Key (patient_id)=(ZZPHINAME 99887766) "
-                       "[parameters: {'patient_id': 'MRN 99887766', 'value': '1950-02-30'}]")
-    context = {
-        "task_instance": SimpleNamespace(dag_id="bonewatch_monitor", task_id="send_alerts",
-                                         run_id="asset_triggered__x", try_number=4,
-                                         log_url="http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts"),
-        "dag_run": SimpleNamespace(run_id="asset_triggered__x",
-                                   conf={"partition": "2025-03-10", "note": "ZZPHINAME"}),
-        "logical_date": None,
-        "exception": error,
-    }
-    orchestration.email_data_team_on_failure(context)
+    dag = SimpleNamespace(dag_id="bonewatch_monitor", on_failure_callback=None)
+    orchestration.email_data_team_on_failure(_failure_context(PHI_ERROR, dag=dag))
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     (message,) = mailbox.messages
     text = _text(message)
@@ -285,22 +337,64 @@ def test_failure_callback_emails_the_data_team_only(mailbox):
     assert "http://airflow.local/dags/bonewatch_monitor/runs/x/tasks/send_alerts" in text
     for phi in ("ZZPHINAME", "99887766", "1950-02-30", "duplicate key"):
         assert phi not in text and phi not in message["Subject"]
+    assert message["Date"] and message["Message-ID"] == orchestration.data_team_message_id(
+        "bonewatch_monitor", "asset_triggered__x", "send_alerts")
     # bonewatch's own errors name files and lines, never patient data: their message is kept
-    orchestration.email_data_team_on_failure({**context, "exception": orchestration.DeliveriesUnreadable(
-        "1 file(s) or source(s) could not be read: cannot read bad.csv, line 3: not UTF-8 text")})
+    orchestration.email_data_team_on_failure(_failure_context(orchestration.DeliveriesUnreadable(
+        "1 file(s) or source(s) could not be read: cannot read bad.csv, line 3: not UTF-8 text"), dag=dag))
     assert "DeliveriesUnreadable: 1 file(s) or source(s) could not be read: cannot read bad.csv, line 3" in \
         _text(mailbox.messages[1])
 
 
-def test_run_callback_emails_late_runs_but_not_task_failures_twice(mailbox):
+@pytest.fixture
+def run_records(monkeypatch):
+    """The failed tasks a run-level callback finds: {run_id: {task key: (state, record)}}, in place
+    of the Airflow API (the real path runs in test_store_outage_... above)."""
+    runs: dict[str, dict[str, tuple[str, dict | None]]] = {}
+    monkeypatch.setattr(orchestration, "_task_states",
+                        lambda dag_id, run_id: {k: s for k, (s, _) in runs.get(run_id, {}).items()})
+
+    def failure_of(dag_id, run_id, task_id, map_index):
+        key = task_id if map_index < 0 else f"{task_id}_{map_index}"
+        return runs[run_id][key][1]
+
+    monkeypatch.setattr(orchestration, "_failure_of", failure_of)
+    return runs
+
+
+def test_run_callback_sends_one_email_per_run_with_a_stable_message_id(mailbox, run_records):
+    dag = SimpleNamespace(dag_id="bonewatch_monitor", dagrun_timeout=timedelta(hours=2),
+                          task_ids=["resolve_nights", "evaluate_rules", "send_alerts"])
+    dag_run = SimpleNamespace(dag_id="bonewatch_monitor", run_id="r1", start_date="2025-03-11T02:00:00Z",
+                              conf={"partition": "2025-03-10"})
+    record = {"task": "send_alerts", "try": "4", "error": "AlertDeliveryError: 1 message(s) not accepted",
+              "error_type": "AlertDeliveryError", "log": "Airflow task log of ... / try 4"}
+    run_records["r1"] = {"resolve_nights": ("success", None), "evaluate_rules_0": ("failed", None),
+                         "send_alerts": ("failed", record)}
+    context = {"reason": "task_failure", "dag_run": dag_run, "dag": dag}
+    orchestration.email_data_team_on_run_failure(context)
+    orchestration.email_data_team_on_run_failure(context)      # sent again for the same run
+    first, again = mailbox.messages
+    assert " ".join(first["Subject"].split()) == \
+        "[bonewatch] FAILED bonewatch_monitor: evaluate_rules[0], send_alerts (r1)"
+    text = _text(first).replace("\r\n", "\n")
+    assert "task:     send_alerts (try 4)\nerror:    AlertDeliveryError: 1 message(s) not accepted" in text
+    assert "task:     evaluate_rules[0] (try ?)\nerror:    not recorded" in text
+    assert "2025-03-10" in text and "Nurses were not notified" in text
+    assert first["Message-ID"] == again["Message-ID"] == orchestration.data_team_message_id("bonewatch_monitor", "r1")
+    assert first["Message-ID"].endswith("@bonewatch>")
+    assert parsedate_to_datetime(first["Date"]).tzinfo is not None
+    run_records["r2"] = run_records["r1"]
+    orchestration.email_data_team_on_run_failure({**context, "dag_run": SimpleNamespace(**{**vars(dag_run),
+                                                                                        "run_id": "r2"})})
+    assert mailbox.messages[2]["Message-ID"] != first["Message-ID"]
+
+
+def test_run_callback_emails_late_runs(mailbox, run_records):
     dag_run = SimpleNamespace(dag_id="bonewatch_ingest", run_id="scheduled__2025-03-11",
                               start_date="2025-03-11T01:30:00Z", conf={})
-    dag = SimpleNamespace(dag_id="bonewatch_ingest", dagrun_timeout=timedelta(hours=4))
-    orchestration.email_data_team_on_run_failure({"reason": "task_failure", "dag_run": dag_run,
-                                                  "dag": dag})
-    assert mailbox.messages == []  # the failed task already emailed
-    orchestration.email_data_team_on_run_failure({"reason": "timed_out", "dag_run": dag_run,
-                                                  "dag": dag})
+    dag = SimpleNamespace(dag_id="bonewatch_ingest", dagrun_timeout=timedelta(hours=4), task_ids=[])
+    orchestration.email_data_team_on_run_failure({"reason": "timed_out", "dag_run": dag_run, "dag": dag})
     assert [rcpts for _, rcpts in mailbox.envelopes] == [[DATA_TEAM]]
     assert "LATE bonewatch_ingest" in mailbox.messages[0]["Subject"]
     assert "4:00:00" in _text(mailbox.messages[0])

@@ -30,6 +30,12 @@ FAILS = {
     "empty.json": "empty.json",
 }
 
+#: file -> the feed the ledger records it under: from its format, else its name; "unreadable" when
+#: neither tells (the data-quality email names the feed, not "unknown")
+FAILED_FEED = {"empty.csv": "labs", "wrong_header.csv": "labs", "not_utf8.csv": "labs",
+               "unsupported.xml": "unreadable", "not_hl7.hl7": "hl7", "empty.hl7": "hl7",
+               "truncated.json": "fhir", "not_a_bundle.json": "fhir", "empty.json": "fhir"}
+
 #: file -> (lab result ids kept, events kept, quarantined rows, a reason each quarantined row may give)
 LOADS = {
     "impossible_dates.csv": ({"B1", "B2"}, 0, 3, ("impossible date", "date out of range")),
@@ -84,6 +90,8 @@ def test_unreadable_file_fails_in_one_line_naming_it(name, settings, engine, tmp
     results, events, quarantined, ledger = _store(engine)
     assert (results, events, quarantined) == ({}, [], [])
     assert [tuple(row) for row in ledger] == [(name, "failed")]
+    with engine.connect() as conn:
+        assert conn.execute(select(deliveries.c.feed)).scalars().all() == [FAILED_FEED[name]]
 
 
 @pytest.mark.parametrize("name", sorted(LOADS))

@@ -1,6 +1,8 @@
-"""docker-compose.yml, read as data (no Docker engine runs in the tests): the Airflow 3 services are
-all there, the project is mounted where Airflow looks, bonewatch talks to the compose PostgreSQL
-and Mailpit, and no credential is committed other than the documented development default."""
+"""docker-compose.yml and the Dockerfile, read as data (no Docker engine runs in the tests): the
+Airflow 3 services are all there, built from the production image (bonewatch and the runtime lock,
+nothing installed at start), bonewatch talks to the compose PostgreSQL and Mailpit, `bonewatch
+serve` runs, every image is pinned, the `celery` profile has Redis and two workers, and no
+credential is committed other than the documented development default."""
 
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
 
 AIRFLOW_SERVICES = ["airflow-init", "airflow-apiserver", "airflow-scheduler",
                     "airflow-dag-processor", "airflow-triggerer"]
 # The one literal password allowed, documented in the file's header as a compose-local default.
 DEV_DEFAULT_PASSWORDS = {"airflow"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|API_KEY|PRIVATE", re.I)
-# ${VAR}, ${VAR:-} or ${VAR:-default}: the default is what is committed.
-INTERPOLATION = re.compile(r"^\$\{(?P<var>[A-Z0-9_]+)(?::?-(?P<default>[^}]*))?\}$")
+# ${VAR}, ${VAR:-} or ${VAR:-default}: the default is what is committed; ${VAR:?message}: nothing
+# (compose refuses to start without VAR).
+INTERPOLATION = re.compile(r"^\$\{(?P<var>[A-Z0-9_]+)(?::?-(?P<default>[^}]*)|:?\?(?P<required>[^}]*))?\}$")
 URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]+):(?P<password>\$\{[^}]*\}|[^@\s]*)@")
 
 
@@ -45,8 +49,9 @@ def _committed(value: str) -> str:
 
 def test_services(compose):
     services = compose["services"]
-    for name in ["postgres", "mailpit", *AIRFLOW_SERVICES]:
+    for name in ["postgres", "mailpit", "bonewatch-serve", *AIRFLOW_SERVICES]:
         assert name in services, name
+        assert "profiles" not in services[name], f"{name} runs by default"
     assert services["mailpit"]["image"].startswith("axllent/mailpit")
     commands = {name: services[name].get("command") for name in AIRFLOW_SERVICES[1:]}
     assert commands == {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
@@ -57,34 +62,103 @@ def test_services(compose):
         assert needs["postgres"]["condition"] == "service_healthy", name
 
 
-def test_airflow_image_matches_the_lock(compose):
+def test_every_image_is_pinned(compose):
+    for name, service in compose["services"].items():
+        image = _committed(service["image"])
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest", (name, image)
+        assert re.search(r"\d+\.\d+", tag), f"{name}: {image} is not pinned to a version"
+
+
+def test_airflow_services_run_the_built_image_on_the_locked_airflow(compose):
     lock = (REPO / "requirements.lock").read_text(encoding="utf-8")
     pinned = re.search(r"^apache-airflow==(\S+)$", lock, re.M).group(1)
-    for name in AIRFLOW_SERVICES:
-        image = _committed(compose["services"][name]["image"])
-        assert image.startswith(f"apache/airflow:{pinned}"), (name, image)
+    base = re.search(r"^FROM (\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M).group(1)
+    assert base == f"apache/airflow:{pinned}-python3.11"
+    for name in [*AIRFLOW_SERVICES, "bonewatch-serve", "airflow-worker-1", "airflow-worker-2"]:
+        service = compose["services"][name]
+        assert service["build"] == ".", name
+        assert _committed(service["image"]).startswith("bonewatch-airflow:"), name
+        env = _env(service)
+        assert "_PIP_ADDITIONAL_REQUIREMENTS" not in env, f"{name}: build the image instead"
+    assert "_PIP_ADDITIONAL_REQUIREMENTS" not in COMPOSE_FILE.read_text(encoding="utf-8")
+
+
+def test_the_image_installs_bonewatch_and_only_the_runtime_lock():
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    installs = re.findall(r"^RUN pip install (.+)$", dockerfile, re.M)
+    assert installs == ["--no-cache-dir -r /opt/bonewatch/requirements.runtime.lock",
+                        "--no-cache-dir --no-deps -e /opt/bonewatch"]
+    copied = re.findall(r"^COPY (?:--chown=\S+ )?(.+) (\S+)$", dockerfile, re.M)
+    sources = {src for group, _ in copied for src in group.split()}
+    assert sources == {"requirements.runtime.lock", "pyproject.toml", "README.md", "sql", "plugins", "dags"}
+    assert "requirements.lock" not in sources, "the development lock stays out of the image"
+    # the editable install keeps the repository layout: <plugins>/../sql holds the migrations
+    assert ("sql", "/opt/bonewatch/sql") in copied and ("plugins", "/opt/bonewatch/plugins") in copied
 
 
 def test_airflow3_settings(compose):
     for name in AIRFLOW_SERVICES:
         env = _env(compose["services"][name])
-        assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+        assert _committed(env["AIRFLOW__CORE__EXECUTOR"]) == "LocalExecutor"
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == \
             "http://airflow-apiserver:8080/execution/"
-        assert "@postgres/airflow" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        # psycopg 3 is what the lock has (no psycopg2); the async URL must then be given too
+        sync, async_ = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"]
+        assert sync.startswith("postgresql+psycopg://") and "@postgres/airflow" in sync
+        assert async_ == sync
         assert env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false"
 
 
-def test_project_is_mounted(compose):
-    for name in AIRFLOW_SERVICES:
+def test_celery_profile_has_redis_and_two_workers(compose):
+    services = compose["services"]
+    celery = {name for name, service in services.items() if "celery" in service.get("profiles", [])}
+    assert celery == {"redis", "airflow-worker-1", "airflow-worker-2"}
+    assert _committed(services["redis"]["image"]).startswith("redis:")
+    ports = set()
+    for name in ("airflow-worker-1", "airflow-worker-2"):
+        env = _env(services[name])
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+        assert services[name]["command"].startswith("celery worker")
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        ports.add(env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"])
+    assert len(ports) == 2, "two workers on one host need distinct log server ports"
+    # the scheduler switches with AIRFLOW_EXECUTOR (the header says how)
+    assert "AIRFLOW_EXECUTOR=CeleryExecutor docker compose --profile celery up" in \
+        COMPOSE_FILE.read_text(encoding="utf-8")
+
+
+def test_data_and_config_are_mounted_and_the_code_is_in_the_image(compose):
+    for name in [*AIRFLOW_SERVICES, "bonewatch-serve"]:
         mounts = {v.split(":")[0]: v.split(":")[1] for v in compose["services"][name]["volumes"]}
-        assert mounts.get("./dags") == "/opt/airflow/dags", name
-        assert mounts.get("./plugins") == "/opt/airflow/plugins", name
-        # bonewatch.store.db looks for the Alembic scripts at <plugins>/../sql
-        assert mounts.get("./sql") == "/opt/airflow/sql", name
+        assert mounts.get("./data") == "/opt/airflow/bonewatch-data", name
+        assert mounts.get("./config") == "/opt/bonewatch/config", name
+        assert not {"./dags", "./plugins", "./sql"} & set(mounts), f"{name}: the code comes from the image"
         for local in mounts:
             if local.startswith("./"):
                 assert (REPO / local).exists() or local == "./data", local
+    # BONEWATCH_CONFIG is a path in the containers: the header says the file lives in ./config
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    assert "BONEWATCH_CONFIG=/opt/bonewatch/config/bonewatch.toml" in text
+    assert "AIRFLOW_UID" in text and "id -u" in text
+
+
+def test_serve_runs_the_ack_links_and_the_dashboard(compose):
+    serve = compose["services"]["bonewatch-serve"]
+    assert "bonewatch serve --host 0.0.0.0 --port 8099" in " ".join(serve["command"])
+    assert serve["ports"] == ["127.0.0.1:8099:8099"]
+    env = _env(serve)
+    assert _committed(env["BONEWATCH_DASHBOARD_PASSWORD"]) == ""
+    assert INTERPOLATION.match(env["BONEWATCH_DASHBOARD_PASSWORD"]).group("var") == "BONEWATCH_DASHBOARD_PASSWORD"
+
+
+def test_ack_secret_is_passed_and_required(compose):
+    for name in [*AIRFLOW_SERVICES, "bonewatch-serve", "airflow-worker-1"]:
+        value = _env(compose["services"][name])["BONEWATCH_ACK_SECRET"]
+        match = INTERPOLATION.match(value)
+        assert match and match.group("var") == "BONEWATCH_ACK_SECRET", name
+        assert match.group("required"), f"{name}: compose must refuse to start without it"
 
 
 def test_bonewatch_uses_the_compose_services(compose):

@@ -149,11 +149,54 @@ def test_a_resent_file_arrived_but_brings_nothing_new():
     assert "night 2025-06-28" in result.problems[0].text
 
 
-def test_unreadable_files_form_their_own_red_row():
-    result = assess([delivery(), delivery(feed="unknown", status="failed", did="bad", total=0, accepted=0)])
-    row = by_feed(result)["unknown"]
+def test_an_unreadable_file_is_counted_against_its_feed_not_as_missing():
+    """A lab CSV that could not be read: the labs feed did send, so it is red and "unreadable",
+    never "missing"; the feed is named in the problem (not "unknown")."""
+    result = assess([delivery(feed="events", did="e1"),
+                     delivery(feed="labs", status="failed", did="bad", total=0, accepted=0)])
+    feeds = by_feed(result)
+    assert (feeds["labs"]["status"], feeds["labs"]["rag"], feeds["labs"]["deliveries"]) == ("unreadable", "red", 1)
+    assert feeds["events"]["rag"] == "green"
+    assert [(p.feed, p.issue) for p in result.problems] == [("labs", "unreadable")]
+    assert result.problems[0].text.startswith("labs: 1 file(s) for night 2025-06-30 could not be read")
+    assert "unknown" not in feeds and metrics.UNREADABLE_FEED not in feeds
+    assert result.unreadable_files == 1
+    # one of its files unreadable, another loaded on time: on time, but red for the unreadable one
+    mixed = by_feed(assess([delivery(), delivery(feed="events", did="e1"),
+                            delivery(feed="labs", status="failed", did="bad", total=0, accepted=0)]))
+    assert (mixed["labs"]["status"], mixed["labs"]["rag"]) == ("on_time", "red")
+
+
+def test_an_unreadable_file_of_an_optional_feed_is_red_for_that_feed():
+    result = assess([delivery(), delivery(feed="events", did="e1"),
+                     delivery(feed="hl7", status="failed", did="bad", total=0, accepted=0)])
+    hl7 = by_feed(result)["hl7"]
+    assert (hl7["status"], hl7["rag"], hl7["expected"]) == ("unreadable", "red", False)
+
+
+@pytest.mark.parametrize("ledger_feed", ["unreadable", "unknown"])   # "unknown": the ledger before issue 15
+def test_files_whose_feed_cannot_be_told_form_the_unreadable_row(ledger_feed):
+    from bonewatch.ingest import sources
+
+    assert metrics.UNREADABLE_FEED == sources.UNREADABLE_FEED == "unreadable"
+    result = assess([delivery(), delivery(feed="events", did="e1"),
+                     delivery(feed=ledger_feed, status="failed", did="bad", total=0, accepted=0)])
+    row = by_feed(result)["unreadable"]
     assert (row["status"], row["rag"], row["deliveries"]) == ("unreadable", "red", 1)
-    assert any(p.issue == "unreadable" for p in result.problems)
+    assert [(p.feed, p.issue) for p in result.problems] == [("unreadable", "unreadable")]
+    assert "unknown" not in by_feed(result)
+
+
+def test_an_expected_feed_that_sent_nothing_is_missing_and_an_optional_one_is_not():
+    """The night with only an events file: an expected labs feed that sent nothing, not even its
+    header-only file, is missing (red); a feed configured as not expected is grey, never red."""
+    only_events = [delivery(feed="events", did="e1")]
+    assert by_feed(assess(only_events))["labs"]["rag"] == "red"
+    optional = by_feed(assess(only_events, feeds={**RULES, "labs": FeedRule("01:00", False)}))["labs"]
+    assert (optional["status"], optional["rag"]) == ("not_expected", "grey")
+    # the labs' header-only file (no results tonight) is a delivery: on time, green
+    header_only = by_feed(assess([*only_events, delivery(total=0, accepted=0, units={})]))["labs"]
+    assert (header_only["status"], header_only["rag"]) == ("on_time", "green")
 
 
 def test_reasons_are_public_and_grouped_by_what_they_say():

@@ -54,3 +54,12 @@ def test_unit_aliases_from_the_configuration_convert(tmp_path):
     assert parsed.rows["value"].round(4).tolist() == [1.0, round(1 / 88.4, 4)]
     assert parsed.rows["orig_unit"].tolist() == ["mcmol/L", "mcmol/L"]     # as sent, kept beside
     assert parsed.rejected["reason"].tolist() == ["unit «parsecs» cannot be converted for creatinine"]
+
+
+@pytest.mark.parametrize(("name", "feed"), [
+    ("lis.hl7", "hl7"), ("x.ORU", "hl7"), ("a.hl7v2", "hl7"), ("clinical.events.csv", "events"),
+    ("labs.csv", "labs"), ("bundle.json", "fhir"), ("Observation.ndjson", "fhir"), ("notes.txt", None),
+    ("noext", None),
+])
+def test_feed_of_name_for_files_that_cannot_be_opened(name, feed):
+    assert sources.feed_of_name(name) == feed

@@ -9,9 +9,10 @@ Vocabulary
 - A feed's *night* D is due by its deadline, a local time on the morning after (day D+1).
 - status: `on_time` | `late` (the night's last file arrived after the deadline) | `missing`
   (an expected feed, nothing by the deadline) | `pending` (nothing yet, deadline not reached) |
-  `not_expected` (an optional feed that sent nothing) | `unreadable` (files that could not be read
-  at all; the ledger cannot say which feed they were meant for, so they form the pseudo-feed
-  `unknown`).
+  `not_expected` (an optional feed that sent nothing) | `unreadable` (what the feed sent tonight
+  could not be read at all). A file that cannot be read is counted against the feed its format or
+  name gives (`.hl7` -> hl7, `.events.csv` -> events, ...): that feed is red, and never "missing"
+  for it; only a file whose feed cannot be told at all goes to the pseudo-feed `unreadable`.
 - rag: `red` | `amber` | `green` | `grey` (nothing to judge yet).
 - A file byte-identical to an earlier delivery is skipped by the ledger, but it did arrive: it
   counts for timeliness, and when it holds rows it is a problem of its own (`resent`: a stuck
@@ -38,8 +39,10 @@ from bonewatch.units import ANALYTES, factor
 KEY_ANALYTES = ("alp", "creatinine", "calcium")
 ANALYTE_LABELS = {"alp": "ALP (U/L)", "creatinine": "SCr (mg/dL)", "calcium": "Ca (mg/dL)"}
 
-#: The ledger's feed name for files that could not be read at all.
-UNREADABLE_FEED = "unknown"
+#: The pseudo-feed of files that could not be read and whose feed cannot be told from their
+#: format or name. ("unknown" is the ledger's name for them before issue 15; read as this one.)
+UNREADABLE_FEED = "unreadable"
+_LEGACY_UNREADABLE = "unknown"
 
 STATUS_LABELS = {
     "on_time": "On time", "late": "Late", "missing": "Missing", "pending": "Not yet due",
@@ -85,6 +88,7 @@ class NightAssessment:
 
     rows: list[dict] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    unreadable_files: int = 0      # the night's files that could not be read, every feed
 
 
 # ---- time --------------------------------------------------------------------------------------
@@ -253,9 +257,15 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
     out = NightAssessment()
     loaded = deliveries[deliveries["status"] == "loaded"] if len(deliveries) else deliveries
     failed = deliveries[deliveries["status"] != "loaded"] if len(deliveries) else deliveries
+    failed_feeds = (failed["feed"].replace({_LEGACY_UNREADABLE: UNREADABLE_FEED}) if len(failed)
+                    else pd.Series([], dtype=object))
+    out.unreadable_files = int(len(failed))
+    unreadable_of = failed_feeds[failed_feeds != UNREADABLE_FEED].value_counts().to_dict()
+    failed = failed[(failed_feeds == UNREADABLE_FEED).to_numpy()] if len(failed) else failed
     resent = resent if resent is not None and len(resent) else pd.DataFrame(
         columns=["feed", "night", "rows_total", "arrived_at"])
-    names = sorted(set(feeds) | set(loaded["feed"] if len(loaded) else []) | set(resent["feed"]))
+    names = sorted(set(feeds) | set(loaded["feed"] if len(loaded) else []) | set(resent["feed"])
+                   | set(unreadable_of))
     for feed in names:
         rule = feeds.get(feed) or FeedRule(default_rule.deadline, expected=False)
         due = deadline_at(night, rule.deadline, tz)
@@ -265,6 +275,9 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
         arrived = pd.Timestamp(max(arrivals)).to_pydatetime() if arrivals else None
         status = feed_status(delivered=bool(arrivals), arrived_at=arrived, due=due, now=now,
                              expected=rule.expected)
+        unreadable = int(unreadable_of.get(feed, 0))
+        if unreadable and not arrivals:
+            status = "unreadable"      # it did send: nothing of it could be read (not "missing")
         resent_rows = again[again["rows_total"] > 0]
         total = int(mine["rows_total"].sum()) if len(mine) else 0
         accepted = int(mine["rows_accepted"].sum()) if len(mine) else 0
@@ -285,9 +298,11 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
         dists = distributions(feed_values, p50_history.get(feed, {})) if len(mine) else {}
         colour = rag(status, bad_row_rate=rate, switches=len(switches), rows_total=usable,
                      rows_accepted=accepted, thresholds=thresholds, resent=len(resent_rows))
+        if unreadable:
+            colour = "red"
         row = {
             "night": night, "feed": feed, "expected": rule.expected, "deadline_at": due,
-            "arrived_at": arrived, "status": status, "rag": colour, "deliveries": int(len(mine)),
+            "arrived_at": arrived, "status": status, "rag": colour, "deliveries": int(len(mine)) + unreadable,
             "resent": int(len(again)),
             "rows_total": total, "rows_accepted": accepted, "rows_quarantined": quarantined,
             "rows_not_monitored": not_monitored, "bad_row_rate": rate,
@@ -297,6 +312,10 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
             "units": units, "unit_switches": switches, "distributions": dists,
         }
         problems = _problems(row, rule, tz, now, thresholds)
+        if unreadable:
+            problems.insert(0, Problem(night, feed, "unreadable", "red",
+                                       f"{feed}: {unreadable} file(s) for night {night} could not be read at all "
+                                       "(bonewatch ingest names the file and the first bad line)"))
         if len(resent_rows):
             originals = ", ".join(sorted({str(n) for n in resent_rows["night"]}))
             problems.append(Problem(night, feed, "resent", "amber",
@@ -315,8 +334,8 @@ def assess_night(night: date, *, feeds: Mapping[str, FeedRule], default_rule: Fe
             "expectations_passed": 0, "expectations_failed": 0, "quarantine_reasons": {},
             "units": {}, "unit_switches": [], "distributions": {},
         }
-        text = (f"{len(failed)} file(s) for night {night} could not be read at all "
-                "(bonewatch ingest names the file and the first bad line)")
+        text = (f"{len(failed)} file(s) for night {night} could not be read at all, and their feed cannot be "
+                "told from their name (bonewatch ingest names the file and the first bad line)")
         row["notes"] = [text]
         out.rows.append(row)
         out.problems.append(Problem(night, UNREADABLE_FEED, "unreadable", "red", text))

@@ -88,7 +88,7 @@ def record_night(engine: Engine, settings: Settings, night: date, *, now: dateti
                                     tz=settings.tz, now=now, resent=resent, **inputs["night"])
     volume = metrics.alert_volume(inputs["alerts"], night)
     latency = metrics.ack_latency(inputs["alerts"])
-    unreadable = sum(r["deliveries"] for r in assessed.rows if r["status"] == "unreadable")
+    unreadable = assessed.unreadable_files
     with engine.begin() as conn:
         _write_night(conn, night, assessed.rows, volume, latency, unreadable, now)
         known = {(r.feed, r.issue) for r in conn.execute(

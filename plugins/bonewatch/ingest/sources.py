@@ -45,6 +45,25 @@ FEED_OF_FORMAT = {
 FMT_OF_FORMAT = {"labs_csv": "csv", "events_csv": "csv", "hl7": "hl7", "fhir_bundle": "json",
                  "fhir_ndjson": "ndjson"}
 SUFFIXES = ".csv, .events.csv, .hl7, .json (FHIR Bundle or resource) or .ndjson (FHIR bulk export)"
+#: The ledger's feed of a file that could not be read and whose feed neither its format nor its
+#: name tells (`bonewatch.dashboard.metrics.UNREADABLE_FEED` reads it).
+UNREADABLE_FEED = "unreadable"
+
+
+def feed_of_name(name: str) -> str | None:
+    """The feed a delivery was meant for, from its file name alone (for a file that cannot be
+    opened or recognised): `.events.csv` events, other `.csv` labs (the canonical lab CSV),
+    `.hl7`/`.oru`/`.hl7v2` hl7, `.json`/`.ndjson` fhir; None when the name does not tell."""
+    name = name.lower()
+    if name.endswith(".events.csv"):
+        return "events"
+    if name.endswith(".csv"):
+        return "labs"
+    if name.endswith((".hl7", ".oru", ".hl7v2")):
+        return "hl7"
+    if name.endswith((".json", ".ndjson")):
+        return "fhir"
+    return None
 
 
 def _no_refs(refs: Collection[str]) -> dict[str, str]:
