@@ -149,6 +149,15 @@ def test_parsing_is_cheap():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def _doc(task) -> str | None:
+    """A task's docstring: `doc_md` (TaskFlow copies it there), or, for a mapped task, which
+    keeps none, its function's."""
+    if getattr(task, "doc_md", None):
+        return task.doc_md
+    function = getattr(task, "python_callable", None)
+    return getattr(function, "__doc__", None)
+
+
 def _promised_gaps(doc: str) -> tuple[int, list[tuple[float, float]]]:
     """("Retries: 3, after 1-2, 2-4, 4-8 min." in a task's docstring) -> (3, [(1, 2), (2, 4), (4, 8)])."""
     import re
@@ -176,7 +185,7 @@ def test_retry_delays_are_the_ones_the_tasks_state(dagbag, dag_id):
     for task in dag.tasks:
         if not task.retries:
             continue
-        retries, gaps = _promised_gaps(dagbag.dags[dag_id].get_task(task.task_id).doc_md)
+        retries, gaps = _promised_gaps(_doc(dagbag.dags[dag_id].get_task(task.task_id)))
         assert retries == task.retries and len(gaps) == retries, task.task_id
         ti = TaskInstance(task=task, run_id="r", dag_version_id=None)
         ti.end_date = end
