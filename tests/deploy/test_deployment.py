@@ -19,7 +19,8 @@ from bonewatch.ingest import hl7
 from bonewatch.notify.catcher import MailCatcher
 from tests.deploy.harness import Deployment, deployment
 
-pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("airflow")]
+# Its own xdist group: no Airflow is imported in this process, so it need not share the DAG tests' worker.
+pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
 
 ONCOLOGY = "oncology-nurses@hospital.example"
 HAEMATOLOGY = "haematology-nurses@hospital.example"
