@@ -2,24 +2,31 @@
 temporary folder, with throwaway PostgreSQL databases for Airflow's metadata and the bonewatch
 store, the test's SMTP server, free ports, a fixed admin password, and the scheduler's and
 dag-processor's intervals shortened. `deployment(...)` starts it for a given executor and number of
-(Celery) workers and stops it; `Deployment` talks to it through the public REST API (v2).
+(Celery) workers and stops it; `Deployment` talks to it through the public REST API (v2) and tells
+which Celery worker ran which task. At the end, one night the tests trigger (`write_night`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bonewatch.ingest import hl7
+from bonewatch.notify.catcher import MailCatcher
 from tests.conftest import throwaway_pg_database
 from tests.integration.alerting import free_port
 
@@ -109,6 +116,15 @@ class Deployment:
             time.sleep(1)
         pytest.fail(f"deployment: {what} not reached within {deadline_s:.0f} s\n{self.log_tails()}")
 
+    def worker_tasks(self) -> dict[str, list[tuple[str, str, str, int]]]:
+        """Celery: the task instances each worker received, (dag_id, run_id, task_id, map_index)
+        by worker name, read off the workers' logs ("Executing workload in Celery: ... log_path=")."""
+        found = {}
+        for log in sorted((self.folder / "logs").glob("worker-*.log")):
+            found[log.stem] = [(dag, run, task, int(index or -1)) for dag, run, task, index in
+                               _WORKLOAD.findall(log.read_text(errors="replace"))]
+        return found
+
     def log_tails(self, lines: int = 15) -> str:
         out = []
         for log in sorted((self.folder / "logs").glob("*.log")):
@@ -117,18 +133,23 @@ class Deployment:
         return "\n".join(out)
 
 
+_WORKLOAD = re.compile(r"Executing workload in Celery: .*?log_path='dag_id=([^/]+)/run_id=([^/]+)/task_id=([^/]+)/"
+                       r"(?:map_index=(\d+)/)?attempt=\d+\.log'")
+
+
 def _script(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=600)
 
 
 @contextmanager
 def deployment(folder: Path, *, smtp_port: int, executor: str = "LocalExecutor", workers: int = 2,
-               config: Path | None = None) -> Iterator[Deployment]:
+               config: Path | None = None, extra_env: dict[str, str] | None = None) -> Iterator[Deployment]:
     """Start the services with `scripts/airflow-local start` in `folder`, both DAGs left paused
     (unpausing runs the latest 01:30 tick at once: the test decides when), and stop them after.
 
     In: a fresh folder, the port of the test's SMTP server, the executor, the number of Celery
-    workers, an optional BONEWATCH_CONFIG. PostgreSQL down fails the test (never skips)."""
+    workers, an optional BONEWATCH_CONFIG, more environment (e.g. a Celery queue of the test's own).
+    PostgreSQL down fails the test (never skips)."""
     with ExitStack() as stack:
         meta = stack.enter_context(throwaway_pg_database("bonewatch_deploy_airflow"))
         store = stack.enter_context(throwaway_pg_database("bonewatch_deploy_store"))
@@ -159,6 +180,7 @@ def deployment(folder: Path, *, smtp_port: int, executor: str = "LocalExecutor",
         })
         if config is not None:
             env["BONEWATCH_CONFIG"] = str(config)
+        env.update(extra_env or {})
         started = _script("start", env)
         try:
             if started.returncode != 0:
@@ -168,3 +190,65 @@ def deployment(folder: Path, *, smtp_port: int, executor: str = "LocalExecutor",
             stopped = _script("stop", env)
             # The databases are dropped (WITH FORCE) right after; a service left over would be a bug.
             assert stopped.returncode == 0, stopped.stderr
+
+
+# ---- one night with alerts for two care teams and a data-quality problem -----------------------
+
+ONCOLOGY = "oncology-nurses@hospital.example"
+HAEMATOLOGY = "haematology-nurses@hospital.example"
+DATA_TEAM = "clinical-data-team@hospital.example"
+
+CONFIG = f"""\
+[recipients]
+default = ["{ONCOLOGY}"]
+data_team = ["{DATA_TEAM}"]
+
+[recipients.teams]
+haematology = ["{HAEMATOLOGY}"]
+"""
+
+
+def latest_tick(now: datetime) -> datetime:
+    """The latest 01:30 UTC at or before `now`: the run that unpausing bonewatch_ingest would
+    create. Triggering it ourselves first means unpausing adds no run of its own."""
+    tick = datetime.combine(now.date(), clock(1, 30), tzinfo=UTC)
+    return tick if tick <= now else tick - timedelta(days=1)
+
+
+def write_night(inbox, night: date) -> None:
+    """Two patients (one a haematology patient) whose creatinine rose 0.6 mg/dL over baseline
+    after zoledronic acid (RENAL_HOLD), the rises sent as HL7; one lab row of three unusable."""
+    day = timedelta(days=1)
+    folder = inbox / night.isoformat()
+    folder.mkdir(parents=True)
+    (folder / "labs.csv").write_text(textwrap.dedent(f"""\
+        patient_id,result_id,loinc,value,unit,collected_at,status
+        000123,R-1,2160-0,0.9,mg/dL,{night - 40 * day}T08:00:00,final
+        000456,R-3,2160-0,0.8,mg/dL,{night - 40 * day}T08:00:00,final
+        000456,R-4,2160-0,not-a-number,mg/dL,{night - 39 * day}T08:00:00,final
+        """), encoding="utf-8")
+    events = ["patient_id,event_type,occurred_at,value,detail"]
+    for patient in ("000123", "000456"):
+        events += [f"{patient},birth_date,1955-06-01,1955-06-01,", f"{patient},sex,{night - 60 * day},F,",
+                   f"{patient},diagnosis,{night - 60 * day},MM,C90.00", f"{patient},weight_kg,{night - 40 * day},70,",
+                   f"{patient},dental_exam,{night - 55 * day},,",
+                   f"{patient},bisphosphonate_dose,{night - 37 * day}T10:00:00,zoledronic_acid,4"]
+    events.append(f"000456,care_team,{night - 60 * day},haematology,")
+    (folder / "clinical.events.csv").write_text("\n".join(events) + "\n", encoding="utf-8")
+    hl7.write_hl7(folder / "lis.hl7", [("000123", "R-2", "2160-0", "1.5", "mg/dL", f"{night}T08:00:00", "final"),
+                                       ("000456", "R-5", "2160-0", "1.4", "mg/dL", f"{night}T08:00:00", "final")])
+
+
+def finished(airflow: Deployment, dag_id: str, run_id: str) -> dict | None:
+    run = airflow.run(dag_id, run_id)
+    return run if run["state"] in ("success", "failed") else None
+
+
+def monitor_done(airflow: Deployment, ingest_run_id: str) -> dict | None:
+    """The monitor run the ingest run's asset events triggered, once it has finished."""
+    runs = airflow.triggered_by(ingest_run_id)
+    return runs[0] if runs and runs[0]["state"] in ("success", "failed") else None
+
+
+def recipients(smtp: MailCatcher) -> list[str]:
+    return sorted(rcpt for _, rcpts in smtp.envelopes for rcpt in rcpts)

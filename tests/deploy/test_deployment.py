@@ -10,62 +10,26 @@ nothing. Written against the runs' final states and the mail, not the monitor's 
 
 from __future__ import annotations
 
-import textwrap
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bonewatch.ingest import hl7
 from bonewatch.notify.catcher import MailCatcher
-from tests.deploy.harness import Deployment, deployment
+from tests.deploy.harness import (
+    CONFIG,
+    DATA_TEAM,
+    HAEMATOLOGY,
+    ONCOLOGY,
+    deployment,
+    finished,
+    latest_tick,
+    monitor_done,
+    recipients,
+    write_night,
+)
 
 # Its own xdist group: no Airflow is imported in this process, so it need not share the DAG tests' worker.
 pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
-
-ONCOLOGY = "oncology-nurses@hospital.example"
-HAEMATOLOGY = "haematology-nurses@hospital.example"
-DATA_TEAM = "clinical-data-team@hospital.example"
-
-CONFIG = f"""\
-[recipients]
-default = ["{ONCOLOGY}"]
-data_team = ["{DATA_TEAM}"]
-
-[recipients.teams]
-haematology = ["{HAEMATOLOGY}"]
-"""
-
-
-def latest_tick(now: datetime) -> datetime:
-    """The latest 01:30 UTC at or before `now`: the run that unpausing bonewatch_ingest would
-    create. Triggering it ourselves first means unpausing adds no run of its own."""
-    tick = datetime.combine(now.date(), time(1, 30), tzinfo=UTC)
-    return tick if tick <= now else tick - timedelta(days=1)
-
-
-def write_night(inbox, night: date) -> None:
-    """Two patients (one a haematology patient) whose creatinine rose 0.6 mg/dL over baseline
-    after zoledronic acid (RENAL_HOLD), the rises sent as HL7; one lab row of three unusable."""
-    day = timedelta(days=1)
-    folder = inbox / night.isoformat()
-    folder.mkdir(parents=True)
-    (folder / "labs.csv").write_text(textwrap.dedent(f"""\
-        patient_id,result_id,loinc,value,unit,collected_at,status
-        000123,R-1,2160-0,0.9,mg/dL,{night - 40 * day}T08:00:00,final
-        000456,R-3,2160-0,0.8,mg/dL,{night - 40 * day}T08:00:00,final
-        000456,R-4,2160-0,not-a-number,mg/dL,{night - 39 * day}T08:00:00,final
-        """), encoding="utf-8")
-    events = ["patient_id,event_type,occurred_at,value,detail"]
-    for patient in ("000123", "000456"):
-        events += [f"{patient},birth_date,1955-06-01,1955-06-01,", f"{patient},sex,{night - 60 * day},F,",
-                   f"{patient},diagnosis,{night - 60 * day},MM,C90.00", f"{patient},weight_kg,{night - 40 * day},70,",
-                   f"{patient},dental_exam,{night - 55 * day},,",
-                   f"{patient},bisphosphonate_dose,{night - 37 * day}T10:00:00,zoledronic_acid,4"]
-    events.append(f"000456,care_team,{night - 60 * day},haematology,")
-    (folder / "clinical.events.csv").write_text("\n".join(events) + "\n", encoding="utf-8")
-    hl7.write_hl7(folder / "lis.hl7", [("000123", "R-2", "2160-0", "1.5", "mg/dL", f"{night}T08:00:00", "final"),
-                                       ("000456", "R-5", "2160-0", "1.4", "mg/dL", f"{night}T08:00:00", "final")])
-
 
 @pytest.fixture(scope="module")
 def smtp():
@@ -80,21 +44,6 @@ def airflow(tmp_path_factory, smtp):
     config.write_text(CONFIG, encoding="utf-8")
     with deployment(folder, smtp_port=smtp.port, config=config) as running:
         yield running
-
-
-def finished(airflow: Deployment, dag_id: str, run_id: str) -> dict | None:
-    run = airflow.run(dag_id, run_id)
-    return run if run["state"] in ("success", "failed") else None
-
-
-def monitor_done(airflow: Deployment, ingest_run_id: str) -> dict | None:
-    """The monitor run the ingest run's asset events triggered, once it has finished."""
-    runs = airflow.triggered_by(ingest_run_id)
-    return runs[0] if runs and runs[0]["state"] in ("success", "failed") else None
-
-
-def recipients(smtp: MailCatcher) -> list[str]:
-    return sorted(rcpt for _, rcpts in smtp.envelopes for rcpt in rcpts)
 
 
 def test_a_night_through_the_real_services_mails_each_recipient_once(airflow, smtp):
