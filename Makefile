@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test acceptance bench faults lock clean
+.PHONY: demo test airflow airflow-stop acceptance bench faults lock clean
 
 # The development venv: the runtime lock (what the Docker image installs) and, on top, the
 # development lock (the same pins plus pytest, playwright, duckdb, ruff...). pip refuses to go on
@@ -23,6 +23,16 @@ test: $(STAMP)
 	bash scripts/ensure-chromium
 	$(BIN)/ruff check dags plugins tests
 	$(BIN)/pytest -n 2 --dist loadgroup
+
+# Airflow 3 for real on this machine, no Docker: api-server, scheduler, dag-processor, triggerer
+# (LocalExecutor) on the local PostgreSQL, an SMTP catcher, both DAGs unpaused; everything under
+# data/airflow/. README "Run it on Airflow"; scripts/airflow-local says what it sets and why.
+airflow: $(STAMP)
+	bash scripts/ensure-postgres
+	bash scripts/airflow-local start
+
+airflow-stop:
+	bash scripts/airflow-local stop
 
 # Issue 4's acceptance scale: 2,000 synthetic patients over a year of nights (about 15 minutes).
 acceptance: $(STAMP)

@@ -30,9 +30,11 @@ night is one email naming the five feed tasks, not five emails), and a run still
 unreadable delivery is the same one email, titled UNREADABLE DELIVERY.
 
 **Past nights.** `catchup` is off: a paused or new DAG does not flood the store with old nights.
-Re-load nights with `airflow backfill create --dag-id bonewatch_ingest --from-date D1 --to-date D2`
-(logical dates, so night *N* is the run of *N + 1*). Evaluation is as-of the night, so a backfill
-gives the same alerts as the nights themselves did.
+Re-load nights *N1*…*N2* with `airflow backfill create --dag-id bonewatch_ingest --from-date N1+1
+--to-date N2+1T01:30 --max-active-runs 1` (logical dates: night *N* is the run of *N + 1* 01:30, and
+a bare `--to-date` stops at its midnight; without `--max-active-runs 1` a backfill runs up to 10
+nights at once, whatever `max_active_runs` below says). Evaluation is as-of the night, so a
+backfill gives the same alerts as the nights themselves did.
 """
 
 from __future__ import annotations

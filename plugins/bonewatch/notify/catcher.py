@@ -18,6 +18,8 @@ from aiosmtpd.smtp import Envelope
 class _Handler:
     def __init__(self, folder: Path | None):
         self.folder = folder
+        # Numbering goes on after the files already there: a restarted catcher overwrites nothing.
+        self._saved = len(list(folder.glob("*.eml"))) if folder is not None and folder.is_dir() else 0
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.refuse: set[str] = set()
@@ -39,7 +41,8 @@ class _Handler:
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
             if self.folder is not None:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                name = f"{len(self.messages):04d}.eml"
+                self._saved += 1
+                name = f"{self._saved:04d}.eml"
                 (self.folder / name).write_bytes(envelope.original_content or envelope.content)
             drop = self.drop_after_data > 0
             self.drop_after_data -= int(drop)
@@ -116,3 +119,29 @@ class MailCatcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bonewatch.notify.catcher --port 1025 --folder DIR`: serve until SIGTERM or
+    Ctrl-C, saving every accepted message as DIR/NNNN.eml (the local Airflow deployment's mail
+    server, `scripts/airflow-local`). Local development only: it accepts mail for anyone."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m bonewatch.notify.catcher", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1025)
+    parser.add_argument("--folder", required=True, help="where the .eml files go")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with MailCatcher(args.host, args.port, folder=args.folder) as catcher:
+        print(f"SMTP catcher on {args.host}:{catcher.port}, saving to {args.folder}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

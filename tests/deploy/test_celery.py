@@ -1,0 +1,87 @@
+"""The same deployment on CeleryExecutor: the local Redis as broker, two Celery workers on this
+host (each serving its task logs on a port of its own), started once for the module. A night's
+tasks are spread over both workers, each task instance runs once, and the mail is the
+LocalExecutor run's: one email per recipient, the data team once.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bonewatch.notify.catcher import MailCatcher
+from tests.deploy.harness import (
+    CONFIG,
+    DATA_TEAM,
+    HAEMATOLOGY,
+    ONCOLOGY,
+    deployment,
+    finished,
+    latest_tick,
+    monitor_done,
+    recipients,
+    write_night,
+)
+
+# One deployment at a time on this worker: two at once would share two cores.
+pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
+
+REDIS = ("127.0.0.1", 6379)
+
+
+@pytest.fixture(scope="module")
+def smtp():
+    with MailCatcher() as catcher:
+        yield catcher
+
+
+@pytest.fixture(scope="module")
+def celery(tmp_path_factory, smtp):
+    try:
+        socket.create_connection(REDIS, timeout=5).close()
+    except OSError as exc:
+        pytest.fail(f"Redis at {REDIS[0]}:{REDIS[1]} is required by the Celery deployment test and unreachable: {exc}")
+    folder = tmp_path_factory.mktemp("airflow-celery")
+    config = folder / "bonewatch.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    # A queue of its own: no other Celery worker on this Redis takes the test's tasks, nor it theirs.
+    queue = f"bonewatch-test-{uuid.uuid4().hex[:8]}"
+    with deployment(folder, smtp_port=smtp.port, config=config, executor="CeleryExecutor", workers=2,
+                    extra_env={"AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue}) as running:
+        yield running
+
+
+def test_a_night_on_two_celery_workers(celery, smtp):
+    tick = latest_tick(datetime.now(UTC))
+    night = tick.date() - timedelta(days=1)
+    write_night(celery.folder / "bonewatch" / "inbox", night)
+    celery.trigger("bonewatch_ingest", "celery-night", logical_date=tick.isoformat())
+    celery.unpause("bonewatch_monitor")
+    celery.unpause("bonewatch_ingest")
+
+    ingest = celery.wait("the ingest run", lambda: finished(celery, "bonewatch_ingest", "celery-night"))
+    assert ingest["state"] == "success", celery.task_states("bonewatch_ingest", "celery-night")
+    monitor = celery.wait("the monitor run", lambda: monitor_done(celery, "celery-night"))
+    assert monitor["state"] == "success", celery.task_states("bonewatch_monitor", monitor["dag_run_id"])
+
+    # the five feeds' tasks are queued at once: two workers of two slots share them
+    ran = celery.worker_tasks()
+    assert set(ran) == {"worker-1", "worker-2"}
+    ingest_by_worker = {worker: {task for _, run, task, _ in tasks if run == "celery-night"}
+                        for worker, tasks in ran.items()}
+    assert all(ingest_by_worker.values()), ingest_by_worker
+    # every task instance of both runs ran once, on one worker or the other
+    received = Counter(t for tasks in ran.values() for t in tasks)
+    expected = {("bonewatch_ingest", "celery-night", task, -1) for task in celery.task_states(
+        "bonewatch_ingest", "celery-night")}
+    expected |= {("bonewatch_monitor", monitor["dag_run_id"], task.split("[")[0],
+                  int(task.split("[")[1].rstrip("]")) if "[" in task else -1)
+                 for task in celery.task_states("bonewatch_monitor", monitor["dag_run_id"])}
+    assert set(received) == expected and set(received.values()) == {1}, received
+
+    assert recipients(smtp) == sorted([DATA_TEAM, HAEMATOLOGY, ONCOLOGY])
+    assert len({m["Message-ID"] for m in smtp.messages}) == 3
