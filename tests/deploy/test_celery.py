@@ -1,7 +1,9 @@
 """The same deployment on CeleryExecutor: the local Redis as broker, two Celery workers on this
-host (each serving its task logs on a port of its own), started once for the module. A night's
-tasks are spread over both workers, each task instance runs once, and the mail is the
-LocalExecutor run's: one email per recipient, the data team once.
+host (each serving its task logs on a port of its own), started once for the module, with the
+evaluation split into 4 patient partitions. A night's tasks are spread over both workers, the 4
+mapped partitions too, each task instance runs once; the alerts are those of one single-process
+`bonewatch evaluate` of the same night, and the mail is the LocalExecutor run's: one email per
+recipient, the data team once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.deploy.harness import (
 pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
 
 REDIS = ("127.0.0.1", 6379)
+PARTITIONS = 4
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,12 @@ def celery(tmp_path_factory, smtp):
     # A queue of its own: no other Celery worker on this Redis takes the test's tasks, nor it theirs.
     queue = f"bonewatch-test-{uuid.uuid4().hex[:8]}"
     with deployment(folder, smtp_port=smtp.port, config=config, executor="CeleryExecutor", workers=2,
-                    extra_env={"AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue}) as running:
+                    extra_env={"AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+                               "BONEWATCH_EVALUATE_PARTITIONS": str(PARTITIONS)}) as running:
         yield running
 
 
-def test_a_night_on_two_celery_workers(celery, smtp):
+def test_a_night_on_two_celery_workers(celery, smtp, tmp_path):
     tick = latest_tick(datetime.now(UTC))
     night = tick.date() - timedelta(days=1)
     write_night(celery.folder / "bonewatch" / "inbox", night)
@@ -83,5 +87,45 @@ def test_a_night_on_two_celery_workers(celery, smtp):
                  for task in celery.task_states("bonewatch_monitor", monitor["dag_run_id"])}
     assert set(received) == expected and set(received.values()) == {1}, received
 
+    # the evaluation's 4 mapped partitions, each once, spread over both workers (each worker
+    # takes at most its 2 slots' worth: Airflow's Celery prefetch is 1)
+    partitions = {index: worker for worker, tasks in ran.items()
+                  for _, run, task, index in tasks if task == "evaluate_rules"}
+    assert sorted(partitions) == list(range(PARTITIONS)), partitions
+    assert set(partitions.values()) == {"worker-1", "worker-2"}, partitions
+
+    # the alerts of the 4 partitions on two workers are those of one evaluation in one process
+    assert _alerts(celery.env["BONEWATCH_DATABASE_URL"]) == _single_process_alerts(
+        celery.folder / "bonewatch" / "inbox" / night.isoformat(), night, tmp_path)
+
     assert recipients(smtp) == sorted([DATA_TEAM, HAEMATOLOGY, ONCOLOGY])
     assert len({m["Message-ID"] for m in smtp.messages}) == 3
+
+
+def _alerts(url: str) -> set[tuple]:
+    from sqlalchemy import create_engine, select
+
+    from bonewatch.store.tables import alerts
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = {(r.patient_id, r.rule, r.episode, r.severity, r.raised_on, r.evidence)
+                for r in conn.execute(select(alerts))}
+    engine.dispose()
+    assert rows, "the night raised no alert: nothing to compare"
+    return rows
+
+
+def _single_process_alerts(folder, night, tmp_path) -> set[tuple]:
+    """The same night's files through ingest and one unpartitioned evaluation, in this process."""
+    from bonewatch import pipeline
+    from bonewatch.config import load_settings
+
+    config = tmp_path / "single.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'single.db'}"
+    settings = load_settings(config, env={"BONEWATCH_DATABASE_URL": url})
+    pipeline.engine_for(settings, migrate=True)
+    assert pipeline.ingest(settings, [folder], partition=night.isoformat()).failed_files == 0
+    pipeline.evaluate(settings, night)
+    return _alerts(url)
