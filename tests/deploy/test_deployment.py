@@ -90,3 +90,29 @@ def test_a_night_through_the_real_services_mails_each_recipient_once(airflow, sm
     assert second["state"] == "success", airflow.task_states("bonewatch_monitor", second["dag_run_id"])
     assert second["dag_run_id"] != monitor["dag_run_id"]
     assert len(smtp.messages) == 3, [m["Subject"] for m in smtp.messages[3:]]
+
+
+def test_a_failed_run_emails_the_data_team_once(airflow, smtp):
+    """An unreadable delivery fails the ingest run; the run-level callback, which a real
+    deployment runs in the dag-processor (not in the task, as `dag.test()` does), emails the data
+    team exactly once, with Date and Message-ID, naming the file and not its content."""
+    tick = latest_tick(datetime.now(UTC)) - timedelta(days=1)
+    night = tick.date() - timedelta(days=1)
+    folder = airflow.folder / "bonewatch" / "inbox" / night.isoformat()
+    folder.mkdir(parents=True)
+    (folder / "labs.csv").write_bytes(b"patient_id,result_id\n\xff\xfe 000789 \xff\n")
+    before = len(smtp.messages)
+
+    airflow.trigger("bonewatch_ingest", "deploy-unreadable", logical_date=tick.isoformat())
+    run = airflow.wait("the failing ingest run", lambda: finished(airflow, "bonewatch_ingest", "deploy-unreadable"))
+    assert run["state"] == "failed"
+    mails = airflow.wait("the data team's email", lambda: [
+        m for m in smtp.messages[before:] if "UNREADABLE DELIVERY" in str(m["Subject"])])
+    airflow.wait("the monitor run of that night", lambda: monitor_done(airflow, "deploy-unreadable"))
+    mails = [m for m in smtp.messages[before:] if "deploy-unreadable" in str(m["Subject"])
+             or "UNREADABLE DELIVERY" in str(m["Subject"])]
+    assert len(mails) == 1, [m["Subject"] for m in mails]
+    (mail,) = mails
+    assert mail["Date"] and mail["Message-ID"] and mail["To"] == DATA_TEAM
+    body = mail.get_body(("plain",)).get_content()
+    assert "labs.csv" in body and "000789" not in mail.as_string()
