@@ -104,6 +104,10 @@ def test_a_failed_run_emails_the_data_team_once(airflow, smtp):
     before = len(smtp.messages)
 
     airflow.trigger("bonewatch_ingest", "deploy-unreadable", logical_date=tick.isoformat())
+    # unpaused here too: the test must not lean on the one before it having run in this deployment
+    # (xdist may hand it to a worker of its own)
+    airflow.unpause("bonewatch_monitor")
+    airflow.unpause("bonewatch_ingest")
     run = airflow.wait("the failing ingest run", lambda: finished(airflow, "bonewatch_ingest", "deploy-unreadable"))
     assert run["state"] == "failed"
     mails = airflow.wait("the data team's email", lambda: [
