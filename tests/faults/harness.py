@@ -37,6 +37,7 @@ usual. Then the scenario's store and mail are compared with the clean run's:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -458,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(scenarios=tuple(args.scenarios.split(",")), stores=tuple(args.stores.split(",")),
                 soak_nights=args.soak_nights)
     workdir = Path(args.workdir).resolve()
+    if not args.verbose:
+        # the clean nights run in this process: their warnings (a header-only file, an SMTP
+        # server hanging up on purpose) are the scenarios' business, not the one line's
+        logging.getLogger("bonewatch").setLevel(logging.ERROR)
     progress = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
     outcomes = run(plan, workdir, progress)
     if plan.soak_nights:
