@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bonewatch.notify.catcher import MailCatcher
 from tests.deploy.harness import (
     CONFIG,
     DATA_TEAM,
@@ -34,12 +33,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
 
 REDIS = ("127.0.0.1", 6379)
 PARTITIONS = 4
-
-
-@pytest.fixture(scope="module")
-def smtp():
-    with MailCatcher() as catcher:
-        yield catcher
 
 
 @pytest.fixture(scope="module")

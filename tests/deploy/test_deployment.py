@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bonewatch.notify.catcher import MailCatcher
 from tests.deploy.harness import (
     CONFIG,
     DATA_TEAM,
@@ -30,11 +29,6 @@ from tests.deploy.harness import (
 
 # Its own xdist group: no Airflow is imported in this process, so it need not share the DAG tests' worker.
 pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("deployment")]
-
-@pytest.fixture(scope="module")
-def smtp():
-    with MailCatcher() as catcher:
-        yield catcher
 
 
 @pytest.fixture(scope="module")

@@ -334,18 +334,24 @@ SHORT = {"sqlite": ("kill:ingest.ledger", "kill:notify.accepted", "two-notifies"
          "postgresql": ("two-notifies", "store-lost")}
 
 
+def _cohort(workdir: Path, name: str, patients: int, *, seed: int, nights: int) -> tuple[Path, Path, list[date]]:
+    """A synthetic cohort's feeds in `workdir/<name>-feeds` (made anew), a config naming its inbox,
+    and its nights in order."""
+    feeds = workdir / f"{name}-feeds"
+    if feeds.exists():
+        shutil.rmtree(feeds)
+    manifest = synth.generate(feeds, patients=patients, seed=seed, nights=nights)
+    first = date.fromisoformat(manifest["first_night"])
+    config = workdir / f"{name}.toml"
+    config.write_text(CONFIG.format(inbox=feeds / "inbox", data=workdir / "data", lease=LEASE_S), "utf-8")
+    return feeds, config, [first + timedelta(days=i) for i in range(nights)]
+
+
 def run(plan: Plan, workdir: Path, progress=lambda message: None) -> list[Outcome]:
     """Every scenario of the plan on every store; returns their outcomes."""
     workdir.mkdir(parents=True, exist_ok=True)
-    feeds = workdir / "feeds"
-    if feeds.exists():
-        shutil.rmtree(feeds)
-    manifest = synth.generate(feeds, patients=plan.patients, seed=11, nights=plan.nights)
-    first = date.fromisoformat(manifest["first_night"])
-    every = [first + timedelta(days=i) for i in range(plan.nights)]
+    feeds, config, every = _cohort(workdir, "faults", plan.patients, seed=11, nights=plan.nights)
     head, tail = every[:-plan.tail], every[-plan.tail:]
-    config = workdir / "faults.toml"
-    config.write_text(CONFIG.format(inbox=feeds / "inbox", data=workdir / "data", lease=LEASE_S), "utf-8")
     outcomes = []
     for kind in plan.stores:
         stores = Stores(kind, workdir)
@@ -393,14 +399,7 @@ def soak(plan: Plan, workdir: Path, kind: str, progress=lambda message: None) ->
     import random
 
     rng = random.Random(2026)
-    feeds = workdir / "soak-feeds"
-    if feeds.exists():
-        shutil.rmtree(feeds)
-    manifest = synth.generate(feeds, patients=plan.patients, seed=13, nights=plan.soak_nights)
-    first = date.fromisoformat(manifest["first_night"])
-    every = [first + timedelta(days=i) for i in range(plan.soak_nights)]
-    config = workdir / "soak.toml"
-    config.write_text(CONFIG.format(inbox=feeds / "inbox", data=workdir / "data", lease=LEASE_S), "utf-8")
+    feeds, config, every = _cohort(workdir, "soak", plan.patients, seed=13, nights=plan.soak_nights)
     choices = [f"kill:{p}" for p in KILLS] + ["smtp-drop"]
     outcome = Outcome(f"soak of {plan.soak_nights} nights", kind)
     stores = Stores(kind, workdir)
