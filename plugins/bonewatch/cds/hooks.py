@@ -3,8 +3,8 @@ draft zoledronic acid or pamidronate order checked against the patient's history
 
 `order-sign` re-uses the rules, it does not restate them: the patient's whole history from the
 store, plus the prefetched Observations (and Patient), plus the ordered dose as a bisphosphonate
-dose given now, go through `rules.evaluate_with_state` as of today (hospital time); the findings
-about that dose are the answer:
+dose given now, go through the rule functions as of today (hospital time; `order_findings`, the
+order-relevant part of `rules.evaluate_with_state`); the findings about that dose are the answer:
 
 - `RENAL_HOLD` / `ALBUMINURIA`: the course is held -> critical ("do not give");
 - `DOSE_BAND` (zoledronic acid): the ordered dose is not the dose of the current CrCl band ->
@@ -28,6 +28,9 @@ from bonewatch.cds import cards, prefetch
 from bonewatch.config import Settings
 from bonewatch.ingest.fhir import RXNORM_EVENTS, RXNORM_SYSTEMS, _medication_concept
 from bonewatch.model import Finding
+from bonewatch.rules.derive import prepare
+from bonewatch.rules.monitoring import check_dental_exam, check_pre_dose_scr
+from bonewatch.rules.renal import check_albuminuria, check_dose_band, check_renal
 from bonewatch.store import reads
 from bonewatch.store.alerts import list_alerts
 
@@ -187,10 +190,28 @@ def order_sign(conn, settings: Settings, request: dict, now: datetime) -> dict:
                              "occurred_at": [pd.Timestamp(now)], "occurred_date": [pd.Timestamp(today)],
                              "value": [order.agent],
                              "detail": ["" if order.dose_mg is None else f"{order.dose_mg:g}"]})
-        findings, _ = rules.evaluate_with_state(labs, pd.concat([events, dose], ignore_index=True), today, settings)
+        findings = order_findings(labs, pd.concat([events, dose], ignore_index=True), today, settings)
         key = f"{request.get('hookInstance', '')}\x1f{number}"
         out += [_order_card(f, order, today, key, settings) for f in _about_the_order(findings, mrn, today)]
     return {"cards": out}
+
+
+#: the rules an order is checked against (`order_findings`)
+ORDER_RULES = ("RENAL_HOLD", "RENAL_RESUME", "ALBUMINURIA", "DOSE_BAND", "PRE_DOSE_SCR_MISSING", "DENTAL_EXAM_MISSING")
+
+
+def order_findings(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Settings) -> list[Finding]:
+    """The findings of ORDER_RULES as `rules.evaluate_with_state` makes them: the same derivation
+    (`prepare`), the same rule functions in the same order (the holds of both renal rules and
+    albuminuria decide DOSE_BAND), the same evidence notes; the other rules are not asked (they
+    say nothing about an order, and a call has to answer in well under a second)."""
+    facts = prepare(labs, events, as_of, settings)
+    renal, renal_held, _ = check_renal(facts, settings)
+    albuminuria, albumin_held = check_albuminuria(facts, settings)
+    held = rules._combine_holds(renal_held, albumin_held)
+    found = [*renal, *albuminuria, *check_dose_band(facts, held, settings),
+             *check_pre_dose_scr(facts, settings), *check_dental_exam(facts, settings)]
+    return sorted(rules._note_time_basis(found, facts.labs), key=lambda f: (f.patient_id, f.rule, f.episode))
 
 
 def _about_the_order(findings: list[Finding], mrn: str, today: date) -> list[Finding]:

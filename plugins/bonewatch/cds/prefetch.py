@@ -4,11 +4,11 @@
   resolves a `subject`: the prefetched Patient (same id) gives its MR identifier (else its first
   identifier); else the `Patient/<id>` a FHIR delivery recorded in the store (`patient_refs`);
   else the id itself is taken as the MRN (an EHR whose FHIR ids are the MRNs).
-- The prefetched Observations (searchset Bundles or single resources) and the Patient go through
-  the FHIR reader and the lab/event parsers of ingestion (`ingest.fhir.read_bundle`,
-  `feeds.parse_labs` / `parse_events`): the same codes, units, LOINC handling, conversions and
-  checks as a nightly file. Only rows of the hook's patient are kept; a row that would be
-  quarantined in a file is left out here.
+- The prefetched Observations (searchset Bundles or single resources) go through the FHIR reader
+  and the lab parser of ingestion (`ingest.fhir.read_bundle`, `feeds.parse_labs`): the same codes,
+  units, LOINC handling, conversions and checks as a nightly file. Only rows of the hook's patient
+  are kept; a row that would be quarantined in a file is left out here. The prefetched Patient
+  gives the birth date and sex (`ingest.fhir`'s reading of `birthDate` and `gender`).
 """
 
 from __future__ import annotations
@@ -56,35 +56,50 @@ def _resources(prefetch: dict) -> list[dict]:
 
 def prefetch_rows(settings: Settings, prefetch: dict, fhir_id: str, mrn: str,
                   received_at: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The prefetched labs and events of the patient, in the frames `store.reads` returns
-    (columns `reads.LAB_COLUMNS` / `reads.EVENT_COLUMNS`)."""
+    """The prefetched labs and events (birth date, sex of the Patient) of the patient, in the
+    frames `store.reads` returns (columns `reads.LAB_COLUMNS` / `reads.EVENT_COLUMNS`)."""
     labs = [_empty(reads.LAB_COLUMNS)]
-    events = [_empty(reads.EVENT_COLUMNS)]
-    resources = _resources(prefetch)
-    if not resources:
-        return labs[0], events[0]
-    bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"resource": r} for r in resources]}
+    observations = [r for r in _resources(prefetch) if r.get("resourceType") != "Patient"]
+    if observations:
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in observations]}
 
-    def refs(wanted) -> dict[str, str]:
-        # an Observation of the hook's patient whose Patient was not prefetched
-        return {r: mrn for r in wanted if r == f"Patient/{fhir_id}"}
+        def refs(wanted) -> dict[str, str]:
+            # the Observations name their patient `Patient/<id>`: the hook's patient is the MRN found
+            return {r: mrn for r in wanted if r == f"Patient/{fhir_id}"}
 
-    ctx = ReadContext(settings, settings.ingest.chunk_size, received_at, refs)
-    with tempfile.TemporaryDirectory(prefix="bonewatch-cds-") as folder:
-        path = Path(folder) / "prefetch.json"
-        path.write_text(json.dumps(bundle), "utf-8")
-        for kind, chunk in fhir.read_bundle(path, ctx):
-            if kind == "labs":
-                rows = feeds.parse_labs(chunk.frame, settings, DELIVERY, received_at).rows
-                labs.append(_shaped(rows, reads.LAB_COLUMNS))
-            elif kind == "events":
-                rows = feeds.parse_events(chunk.frame, settings, DELIVERY, received_at).rows
-                events.append(_shaped(rows, reads.EVENT_COLUMNS))
+        ctx = ReadContext(settings, settings.ingest.chunk_size, received_at, refs)
+        with tempfile.TemporaryDirectory(prefix="bonewatch-cds-") as folder:
+            path = Path(folder) / "prefetch.json"
+            path.write_text(json.dumps(bundle), "utf-8")
+            for kind, chunk in fhir.read_bundle(path, ctx):
+                if kind == "labs":
+                    rows = feeds.parse_labs(chunk.frame, settings, DELIVERY, received_at).rows
+                    labs.append(_shaped(rows, reads.LAB_COLUMNS))
     lab_frame = pd.concat([f for f in labs if len(f)] or labs[:1], ignore_index=True)
-    event_frame = pd.concat([f for f in events if len(f)] or events[:1], ignore_index=True)
-    return (lab_frame[lab_frame["patient_id"] == mrn].reset_index(drop=True),
-            event_frame[event_frame["patient_id"] == mrn].reset_index(drop=True))
+    return lab_frame[lab_frame["patient_id"] == mrn].reset_index(drop=True), _patient_events(prefetch, fhir_id, mrn,
+                                                                                            received_at)
+
+
+def _patient_events(prefetch: dict, fhir_id: str, mrn: str, received_at: datetime) -> pd.DataFrame:
+    """Birth date and sex of the prefetched Patient, as `ingest.fhir` reads them (timeless facts:
+    the day they are stamped with does not matter, SPEC 2.5). Built directly: the events parser's
+    fixed cost is most of a hook call's time, for two values."""
+    patient = patient_resource(prefetch, fhir_id)
+    rows = []
+    if patient is not None:
+        birth = str(patient.get("birthDate") or "")
+        if fhir._FHIR_DATE.fullmatch(birth) and len(birth) == 10:
+            rows.append(("birth_date", birth))
+        sex = fhir._sex_of(patient)
+        if sex:
+            rows.append(("sex", sex))
+    at = pd.Timestamp(received_at)
+    return pd.DataFrame({"patient_id": pd.Series([mrn] * len(rows), dtype="str"),
+                         "event_type": pd.Series([r[0] for r in rows], dtype="str"),
+                         "occurred_at": pd.Series([at] * len(rows), dtype="datetime64[ns]"),
+                         "occurred_date": pd.Series([at.normalize()] * len(rows), dtype="datetime64[ns]"),
+                         "value": pd.Series([r[1] for r in rows], dtype="str"),
+                         "detail": pd.Series([""] * len(rows), dtype="str")})
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
