@@ -340,6 +340,8 @@ class CdsHooks(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     algorithms: list[str] = ["ES384", "RS384"]
     public_discovery: bool = False
+    # browser-based CDS clients (the CDS Hooks sandbox) call from these origins: CORS for /cds-services only
+    cors_origins: list[str] = []
     leeway_s: float = Field(30, ge=0, le=300)
     issuers: dict[str, CdsIssuer] = {}
     source_urls: dict[str, str] = {}

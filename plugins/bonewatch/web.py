@@ -7,6 +7,7 @@ this module starts nothing and touches no database.
     POST /alerts/{alert_id}/ack           t=TOKEN&by=NAME: acknowledge it
     GET  /healthz                         "ok" when the store answers (503 when it does not)
     GET  /dashboard/...                   the data-quality dashboard, behind HTTP Basic (see below)
+    GET  /cds-services, POST /cds-services/{id}   the CDS Hooks service for the EHR (`bonewatch.cds`)
 
 The token (see `bonewatch.notify.tokens`) is signed with BONEWATCH_ACK_SECRET, expires, and names
 one alert occurrence: it acknowledges that alert and nothing else, and only once. The GET never

@@ -38,6 +38,7 @@ HOLD, BAND = "000123", "000456"          # MRNs: a renal hold; a dose band (no h
 BIRTH = "1955-01-01"
 ZOLEDRONIC = {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "77655", "display": "zoledronic acid"}
 MAX_BODY = 256 * 1024
+SANDBOX = "https://sandbox.cds-hooks.org"
 
 
 def _now() -> datetime:
@@ -86,7 +87,7 @@ def server(request, keys, tmp_path_factory):
         jwks.write_text(json.dumps({"keys": [{**public, "kid": KID, "use": "sig", "alg": "ES384"}]}), "utf-8")
         config = folder / "bonewatch.toml"
         config.write_text(f'[site]\nack_base_url = "{base}"\n\n[cds_hooks]\nbase_url = "{base}"\n'
-                          f'max_body_bytes = {MAX_BODY}\n\n[cds_hooks.issuers."{ISSUER}"]\njwks_file = "{jwks}"\n',
+                          f'max_body_bytes = {MAX_BODY}\ncors_origins = ["{SANDBOX}"]\n\n[cds_hooks.issuers."{ISSUER}"]\njwks_file = "{jwks}"\n',
                           "utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("BONEWATCH_")}
         env.update(BONEWATCH_CONFIG=str(config), BONEWATCH_DATABASE_URL=url, BONEWATCH_DATA_DIR=str(folder / "data"),
@@ -248,6 +249,7 @@ def test_patient_view_shows_the_renal_hold_with_evidence_version_and_citation(se
     assert hold["source"]["url"].startswith("https://dailymed.nlm.nih.gov/")
     (link,) = hold["links"]
     assert link["type"] == "absolute" and link["url"].startswith(f"{base}/alerts/")
+    assert HOLD not in json.dumps(body)      # the EHR has the chart open: the MRN is not repeated
     page = httpx.get(link["url"])       # the acknowledgement page of that alert opens
     assert page.status_code == 200 and "Acknowledge this alert" in page.text and "RENAL_HOLD" in page.text
 
@@ -365,3 +367,17 @@ def test_no_patient_identifiers_in_the_server_log(server, keys):
     assert "refused" in text and "card(s) in" in text     # calls and refusals are logged ...
     for phi in (HOLD, BAND, "fhir-hold-1", "fhir-band-1", BIRTH):
         assert phi not in text        # ... and no patient id or birth date, ever
+
+
+def test_a_browser_client_of_a_configured_origin_may_call_the_cds_paths_only(server):
+    base, _ = server
+    ask = {"Origin": SANDBOX, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{base}/cds-services/bonewatch-order-sign", headers=ask)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == SANDBOX
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{base}/cds-services/bonewatch-order-sign", headers={**ask, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    # the acknowledgement pages stay same-origin
+    page = httpx.get(f"{base}/healthz", headers={"Origin": SANDBOX})
+    assert "access-control-allow-origin" not in page.headers

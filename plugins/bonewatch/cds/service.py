@@ -74,6 +74,8 @@ def mount(app, settings: Settings, engine, *, clock, ack_url) -> None:
 
     verifier = Verifier(settings.cds_hooks)
     base = base_url(settings)
+    if settings.cds_hooks.cors_origins:
+        app.add_middleware(_Cors, origins=list(settings.cds_hooks.cors_origins))
 
     @app.get(PREFIX, include_in_schema=False)
     def discover(request: Request) -> Any:
@@ -103,6 +105,24 @@ def mount(app, settings: Settings, engine, *, clock, ack_url) -> None:
         log.info("cds-hooks %s: %d card(s) in %.0f ms", service_id, len(answer["cards"]),
                  (time.perf_counter() - started) * 1000)
         return _json(answer)
+
+
+class _Cors:
+    """CORS (Starlette's middleware) for the CDS Hooks paths only, for the configured origins: a
+    browser-based CDS client (the CDS Hooks sandbox) calls from its own origin; the acknowledgement
+    pages and the dashboard stay same-origin."""
+
+    def __init__(self, app, origins: list[str]):
+        from starlette.middleware.cors import CORSMiddleware
+
+        self.app = app
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                                   allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        target = self.cors if path == PREFIX or path.startswith(PREFIX + "/") else self.app
+        await target(scope, receive, send)
 
 
 def _answer(engine, settings: Settings, hook: str, payload: dict, now, ack_url) -> dict:
