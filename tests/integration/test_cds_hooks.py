@@ -20,6 +20,7 @@ import httpx
 import jsonschema
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import bonewatch
@@ -39,6 +40,7 @@ BIRTH = "1955-01-01"
 ZOLEDRONIC = {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "77655", "display": "zoledronic acid"}
 MAX_BODY = 256 * 1024
 SANDBOX = "https://sandbox.cds-hooks.org"
+URL_ISSUER, PEM_ISSUER = "https://ehr2.hospital.example", "https://ehr3.hospital.example"
 
 
 def _now() -> datetime:
@@ -73,8 +75,39 @@ def keys():
     return ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
 
 
+@pytest.fixture(scope="module")
+def other_ehrs():
+    """Two more trusted EHRs: one publishing its JWK Set at a URL (RSA, RS384), served here over
+    HTTP; one known by a PEM public key (EC P-384). Yields {issuer: private key}."""
+    import http.server
+    import threading
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    document = json.dumps({"keys": [{**jwk, "kid": KID, "use": "sig", "alg": "RS384"}]}).encode()
+
+    class JwksHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):                # noqa: N802 - the name http.server calls
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JwksHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"url": f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json", URL_ISSUER: rsa_key,
+               PEM_ISSUER: ec.generate_private_key(ec.SECP384R1())}
+    finally:
+        httpd.shutdown()
+
+
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def server(request, keys, tmp_path_factory):
+def server(request, keys, other_ehrs, tmp_path_factory):
     """`bonewatch serve` in a subprocess over a store with the two histories evaluated as of today:
     yields (base URL, path of its log)."""
     folder = tmp_path_factory.mktemp(f"cds-{request.param}")
@@ -85,10 +118,16 @@ def server(request, keys, tmp_path_factory):
         jwks = folder / "ehr-jwks.json"
         public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(keys[0].public_key()))
         jwks.write_text(json.dumps({"keys": [{**public, "kid": KID, "use": "sig", "alg": "ES384"}]}), "utf-8")
+        pem = folder / "ehr3.pem"
+        pem.write_bytes(other_ehrs[PEM_ISSUER].public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         config = folder / "bonewatch.toml"
         config.write_text(f'[site]\nack_base_url = "{base}"\n\n[cds_hooks]\nbase_url = "{base}"\n'
-                          f'max_body_bytes = {MAX_BODY}\ncors_origins = ["{SANDBOX}"]\n\n[cds_hooks.issuers."{ISSUER}"]\njwks_file = "{jwks}"\n',
-                          "utf-8")
+                          f'max_body_bytes = {MAX_BODY}\ncors_origins = ["{SANDBOX}"]\n'
+                          'algorithms = ["ES384", "RS384"]\n\n'
+                          f'[cds_hooks.issuers."{ISSUER}"]\njwks_file = "{jwks}"\n\n'
+                          f'[cds_hooks.issuers."{URL_ISSUER}"]\njwks_url = "{other_ehrs["url"]}"\n\n'
+                          f'[cds_hooks.issuers."{PEM_ISSUER}"]\npem_file = "{pem}"\n', "utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("BONEWATCH_")}
         env.update(BONEWATCH_CONFIG=str(config), BONEWATCH_DATABASE_URL=url, BONEWATCH_DATA_DIR=str(folder / "data"),
                    BONEWATCH_ACK_SECRET=SECRET, PYTHONPATH=str(Path(bonewatch.__file__).resolve().parents[1]))
@@ -381,3 +420,14 @@ def test_a_browser_client_of_a_configured_origin_may_call_the_cds_paths_only(ser
     # the acknowledgement pages stay same-origin
     page = httpx.get(f"{base}/healthz", headers={"Origin": SANDBOX})
     assert "access-control-allow-origin" not in page.headers
+
+
+def test_keys_from_a_jwks_url_and_a_pem_file_are_trusted_for_their_issuer_only(server, keys, other_ehrs):
+    base, _ = server
+    body = patient_view("fhir-hold-1", HOLD)
+    by_url = call(base, other_ehrs[URL_ISSUER], "bonewatch-patient-view", body, iss=URL_ISSUER, algorithm="RS384")
+    by_pem = call(base, other_ehrs[PEM_ISSUER], "bonewatch-patient-view", body, iss=PEM_ISSUER)
+    assert valid(by_url)["cards"] and valid(by_pem)["cards"]
+    # a key is good for its own issuer only
+    assert call(base, other_ehrs[PEM_ISSUER], "bonewatch-patient-view", body).status_code == 401
+    assert call(base, keys[0], "bonewatch-patient-view", body, iss=PEM_ISSUER).status_code == 401

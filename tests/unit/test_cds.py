@@ -136,3 +136,19 @@ def test_cds_configuration_refuses_symmetric_algorithms_and_ambiguous_keys(tmp_p
     config.write_text('[cds_hooks.issuers."https://ehr.example"]\njwks_file = "a.json"\npem_file = "b.pem"\n', "utf-8")
     with pytest.raises(ConfigError, match="exactly one of"):
         load_settings(config)
+
+
+def test_the_schemas_accept_the_specifications_examples_and_refuse_what_it_forbids():
+    import jsonschema
+
+    response = json.loads((DATA / "cds-hooks-2.0-response.schema.json").read_text("utf-8"))
+    discovery = json.loads((DATA / "cds-hooks-2.0-discovery.schema.json").read_text("utf-8"))
+    example = json.loads((DATA / "spec_response_example.json").read_text("utf-8"))
+    jsonschema.Draft202012Validator(response).validate(example)
+    jsonschema.Draft202012Validator(discovery).validate(
+        json.loads((DATA / "spec_discovery_example.json").read_text("utf-8")))
+    jsonschema.Draft202012Validator(discovery).validate(hooks.discovery())
+    card = example["cards"][1]
+    for bad in ({**card, "summary": "x" * 140}, {**card, "indicator": "urgent"}, {**card, "source": {}},
+                {**card, "suggestions": [{"label": "Do it"}]}):
+        assert not jsonschema.Draft202012Validator(response).is_valid({"cards": [bad]})

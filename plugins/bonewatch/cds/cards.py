@@ -37,6 +37,11 @@ TITLES = {
 _MARKDOWN = re.compile(r"([\\`*_\[\]<>|#])")
 
 
+def uuid_of(key: str) -> str:
+    """A stable uuid for a card or suggestion key."""
+    return str(uuid.uuid5(_NAMESPACE, key))
+
+
 def shorten(text: str, limit: int = SUMMARY_MAX) -> str:
     """One line of at most `limit` characters, cut at a word with an ellipsis when too long."""
     text = " ".join(str(text).split())
@@ -98,7 +103,7 @@ def card(*, key: str, rule: str, rule_version: str, severity: str, action: str, 
     if url:
         source["url"] = url
     out: dict[str, Any] = {
-        "uuid": str(uuid.uuid5(_NAMESPACE, key)),
+        "uuid": uuid_of(key),
         "summary": shorten(summary),
         "indicator": indicator,
         "detail": "\n".join(lines),

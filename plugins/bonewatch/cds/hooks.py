@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from datetime import UTC, date, datetime
 from typing import Any
 
 import pandas as pd
+from sqlalchemy import select
 
 from bonewatch import rules
 from bonewatch.cds import cards, prefetch
@@ -32,7 +34,8 @@ from bonewatch.rules.derive import prepare
 from bonewatch.rules.monitoring import check_dental_exam, check_pre_dose_scr
 from bonewatch.rules.renal import check_albuminuria, check_dose_band, check_renal
 from bonewatch.store import reads
-from bonewatch.store.alerts import list_alerts
+from bonewatch.store.alerts import LISTED
+from bonewatch.store.tables import alerts as alerts_table
 
 PATIENT_VIEW = "bonewatch-patient-view"
 ORDER_SIGN = "bonewatch-order-sign"
@@ -81,10 +84,22 @@ def patient_view(conn, settings: Settings, request: dict, now: datetime, ack_url
     acknowledgement link of an alert."""
     context = request["context"]
     mrn = prefetch.resolve_patient(conn, context["patientId"], request.get("prefetch") or {})
-    alerts = [a for a in list_alerts(conn, OPEN_STATUSES) if a["patient_id"] == mrn] if mrn else []
+    alerts = patient_alerts(conn, mrn)
     silences = _silences_for(conn, mrn, now)
     return {"cards": [cards.alert_card(a, settings, ack_url=ack_url(a), silence=silences.get(a["alert_id"]))
                       for a in alerts]}
+
+
+def patient_alerts(conn, patient_id: str) -> list[dict]:
+    """The patient's alerts that are not resolved (as `store.alerts.list_alerts` gives them: evidence
+    parsed, urgent first), read through the patient index, not the whole table."""
+    c = alerts_table.c
+    query = select(*[c[name] for name in LISTED]).where(c.patient_id == patient_id, c.status.in_(OPEN_STATUSES))
+    rank = {"high": 0, "medium": 1, "info": 2}
+    rows = [dict(r._mapping) for r in conn.execute(query)]
+    for row in rows:
+        row["evidence"] = json.loads(row["evidence"])
+    return sorted(rows, key=lambda r: (rank.get(r["severity"], 9), str(r["raised_on"]), r["rule"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +260,7 @@ def _order_card(f: Finding, order: Order, today: date, key: str, settings: Setti
                               summary=f"CrCl below 30 mL/min: do not give {agent} {ordered}; consider denosumab.")
         above = order.dose_mg is not None and order.dose_mg > mg
         suggestion = {"label": f"Change the dose to {mg:g} mg", "isRecommended": True,
-                      "uuid": cards.card(**common)["uuid"],
+                      "uuid": cards.uuid_of(f"{common['key']}\x1fsuggestion"),
                       "actions": [{"type": "update", "description": f"Set the {agent} dose to {mg:g} mg "
                                                                      f"(CrCl band {_band(f)[0]})",
                                    "resource": with_dose(order.resource, mg)}]}
