@@ -388,6 +388,8 @@ def test_request_size_limits_and_bad_calls(server, keys):
                                                             _now() - timedelta(days=n + 1)) for n in range(60)])
     assert len(json.dumps(big)) > 8 * 1024
     assert valid(call(base, keys[0], "bonewatch-patient-view", big))["cards"]
+    # ... while the acknowledgement pages keep their 8 KiB
+    assert httpx.post(f"{base}/alerts/A0/ack", content=b"t=" + b"x" * 9000).status_code == 413
     huge = patient_view("fhir-hold-1", HOLD)
     huge["prefetch"]["padding"] = "x" * (MAX_BODY + 1)
     assert call(base, keys[0], "bonewatch-patient-view", huge).status_code == 413
