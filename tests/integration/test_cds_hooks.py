@@ -36,6 +36,7 @@ KID = "ehr-key-1"
 RESPONSE_SCHEMA = json.loads((DATA / "cds-hooks-2.0-response.schema.json").read_text("utf-8"))
 DISCOVERY_SCHEMA = json.loads((DATA / "cds-hooks-2.0-discovery.schema.json").read_text("utf-8"))
 HOLD, BAND = "000123", "000456"          # MRNs: a renal hold; a dose band (no hold)
+FHIR_REF = "fhir-ref-123"                # HOLD's Patient.id in an earlier FHIR delivery
 BIRTH = "1955-01-01"
 ZOLEDRONIC = {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "77655", "display": "zoledronic acid"}
 MAX_BODY = 256 * 1024
@@ -66,7 +67,14 @@ def _history(folder: Path, today) -> list[Path]:
                  f"{mrn},weight_kg,{day(dose_day + 3)},70,\n", f"{mrn},dental_exam,{day(dose_day + 20)},,\n",
                  f"{mrn},bisphosphonate_dose,{day(dose_day)},zoledronic_acid,4.0\n"]
     events.write_text(EVENT_HEADER + "".join(rows), "utf-8")
-    return [labs, events]
+    # an earlier FHIR delivery named HOLD's Patient resource: the store keeps Patient/<id> -> MRN
+    patients = folder / "patients.json"
+    patients.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{
+        "fullUrl": f"https://ehr.hospital.example/fhir/Patient/{FHIR_REF}", "resource": {
+            "resourceType": "Patient", "id": FHIR_REF, "gender": "male", "birthDate": BIRTH, "identifier": [
+                {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                 "value": HOLD}]}}]}), "utf-8")
+    return [labs, events, patients]
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +310,12 @@ def test_patient_view_without_prefetch_takes_the_id_as_the_mrn_and_answers_from_
     assert valid(call(base, keys[0], "bonewatch-patient-view", example)) == {"cards": []}
 
 
+def test_a_patient_id_known_from_an_earlier_fhir_delivery_is_mapped_to_its_mrn(server, keys):
+    base, _ = server
+    body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view(FHIR_REF)))
+    assert "RENAL_HOLD" in [c["source"]["topic"]["code"] for c in body["cards"]]
+
+
 def test_order_sign_above_the_band_is_critical_and_suggests_the_band_dose(server, keys):
     base, _ = server
     body = valid(call(base, keys[0], "bonewatch-order-sign", order_sign("fhir-band-1", 4.0, band_prefetch("fhir-band-1"))))
@@ -406,7 +420,7 @@ def test_no_patient_identifiers_in_the_server_log(server, keys):
     httpx.post(f"{base}/cds-services/bonewatch-patient-view", json=patient_view("fhir-hold-1", HOLD))
     text = log.read_text("utf-8", "replace")
     assert "refused" in text and "card(s) in" in text     # calls and refusals are logged ...
-    for phi in (HOLD, BAND, "fhir-hold-1", "fhir-band-1", BIRTH):
+    for phi in (HOLD, BAND, FHIR_REF, "fhir-hold-1", "fhir-band-1", BIRTH):
         assert phi not in text        # ... and no patient id or birth date, ever
 
 
@@ -433,3 +447,17 @@ def test_keys_from_a_jwks_url_and_a_pem_file_are_trusted_for_their_issuer_only(s
     # a key is good for its own issuer only
     assert call(base, other_ehrs[PEM_ISSUER], "bonewatch-patient-view", body).status_code == 401
     assert call(base, keys[0], "bonewatch-patient-view", body, iss=PEM_ISSUER).status_code == 401
+
+
+def test_discovery_can_be_made_public(engine, monkeypatch):
+    """`[cds_hooks] public_discovery = true`: discovery answers without a JWT; the services do not."""
+    from bonewatch.config import with_overrides
+    from bonewatch.web import create_app
+    from tests.integration.alerting import served
+
+    monkeypatch.setenv("BONEWATCH_ACK_SECRET", SECRET)
+    settings = with_overrides(load_settings(), cds_hooks__public_discovery=True)
+    with served(create_app(settings, engine=engine)) as base:
+        shown = httpx.get(f"{base}/cds-services")
+        assert shown.status_code == 200 and len(shown.json()["services"]) == 2
+        assert httpx.post(f"{base}/cds-services/bonewatch-patient-view", json=patient_view("x")).status_code == 401
