@@ -461,3 +461,17 @@ def test_discovery_can_be_made_public(engine, monkeypatch):
         shown = httpx.get(f"{base}/cds-services")
         assert shown.status_code == 200 and len(shown.json()["services"]) == 2
         assert httpx.post(f"{base}/cds-services/bonewatch-patient-view", json=patient_view("x")).status_code == 401
+
+
+def test_serve_with_unreadable_ehr_keys_fails_at_start_with_one_line(engine, monkeypatch, tmp_path):
+    from tests.integration.alerting import run_cli
+
+    config = tmp_path / "bonewatch.toml"
+    config.write_text(f'[cds_hooks.issuers."{ISSUER}"]\njwks_file = "{tmp_path / "missing.json"}"\n', "utf-8")
+    monkeypatch.setenv("BONEWATCH_CONFIG", str(config))
+    monkeypatch.setenv("BONEWATCH_ACK_SECRET", SECRET)
+    done = run_cli("serve", "--port", "1")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()[-1:]
+    assert line.startswith("bonewatch: [cds_hooks.issuers") and "missing.json cannot be read" in line
+    assert "Traceback" not in done.stderr

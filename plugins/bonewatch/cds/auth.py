@@ -57,6 +57,8 @@ class _Keys:
         if self.client is not None:
             try:
                 return self.client.get_signing_key(kid).key
+            except jwt.PyJWKClientConnectionError:
+                raise Unauthorized("the issuer's JWK Set URL cannot be reached; try again later") from None
             except jwt.PyJWKClientError:
                 raise Unauthorized("no key of the issuer matches the JWT's kid") from None
         found = self.keys.get(kid)
