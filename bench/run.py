@@ -122,6 +122,8 @@ def main() -> None:
                     night = {"night_dir": str(feeds.night_dir), "as_of": feeds.night.isoformat()}
                     steps["night"] = run_step("night", args_for(store, scale, "night", **night))
                     steps["rerun"] = run_step("rerun", args_for(store, scale, "rerun", **night))
+                    # the EHR's calls, on the store of the bench's size (issue 17)
+                    entry.setdefault("cds_hooks", {})[kind] = run_step("cds_hooks", args_for(store, scale, "cds_hooks"))
                 entry["stores"][kind] = steps
                 print(f"{scale} {kind}: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in steps.items()), flush=True)
             finally:
@@ -184,6 +186,11 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
     if small := results.get("small_files"):
         print(f"ingest of {small['files']} one-row files (SQLite): {small['seconds']:.1f}s, "
               f"{small['ms_per_file']:.0f} ms a file ({small['cpu_ms_per_file']:.0f} ms CPU)")
+    for kind, r in results["scales"][scales[-1]].get("cds_hooks", {}).items():
+        print(f"CDS Hooks ({kind}, {scales[-1]} store, a patient with 5 years of history): patient-view "
+              f"{r['patient_view_ms']:.0f} ms ({r['patient_view_cpu_ms']:.0f} ms CPU), order-sign "
+              f"{r['order_sign_ms']:.0f} ms ({r['order_sign_cpu_ms']:.0f} ms CPU), medians; first calls "
+              f"{r['patient_view_first_ms']:.0f} / {r['order_sign_first_ms']:.0f} ms")
     # evaluation slope: the backfill's evaluation is a full one (every patient is new)
     for kind in stores:
         cells = []

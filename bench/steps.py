@@ -166,9 +166,126 @@ def small_files(args: dict) -> dict:
             "cpu_ms_per_file": 1000 * cpu_seconds / n}
 
 
+def cds_hooks(args: dict) -> dict:
+    """The CDS Hooks service on the bench's store: one patient with five years of history added
+    (monthly creatinine, ALP, calcium, albumin and weight, a zoledronic acid dose every 4 weeks,
+    ending in a renal hold; ingested and evaluated for today, untimed), then `calls` patient-view
+    and order-sign calls (4 mg zoledronic acid, today's creatinine and weight prefetched) through
+    the app (`web.create_app`, security middleware, JWT check, JSON) with an in-process HTTP
+    client. The first call of each pays the imports; `*_ms` are the medians of the others (wall),
+    `*_cpu_ms` their CPU time (every thread: steadier than wall time on a shared machine)."""
+    import statistics
+    import uuid as uuid_
+    from datetime import UTC, datetime, timedelta
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    os.environ.setdefault("BONEWATCH_ACK_SECRET", "bench-ack-secret-" + "x" * 32)
+    settings = _settings(args)
+    from bonewatch import pipeline, rules
+    from bonewatch.config import with_overrides
+    from bonewatch.store import alerts, reads
+
+    folder = Path(args["data_dir"]) / "cds-bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    today = now.date()
+    mrn = "CDS0000001"
+    labs, events = ["patient_id,result_id,loinc,value,unit,collected_at,status\n"], \
+        ["patient_id,event_type,occurred_at,value,detail\n"]
+    events += [f"{mrn},birth_date,2020-01-01T00:00:00Z,1950-03-01,\n", f"{mrn},sex,2020-01-01T00:00:00Z,F,\n",
+               f"{mrn},dental_exam,{(today - timedelta(days=5 * 365 + 30)).isoformat()}T09:00:00Z,,\n"]
+    for month in range(61, 0, -1):     # from 12 days before the first dose (the renal baseline)
+        day = (today - timedelta(days=30 * month)).isoformat()
+        scr = 1.0 + (0.6 if month == 1 else 0.05 * (month % 3))
+        for n, (loinc, value, unit) in enumerate((("2160-0", scr, "mg/dL"), ("6768-6", 90 + month % 7, "U/L"),
+                                                  ("17861-6", 9.2, "mg/dL"), ("1751-7", 3.9, "g/dL"),
+                                                  ("29463-7", 68 + month % 3, "kg"))):
+            labs.append(f"{mrn},cds-{month}-{n},{loinc},{value},{unit},{day}T08:00:00Z,final\n")
+    for week in range(5 * 52, 0, -4):
+        day = (today - timedelta(weeks=week) + timedelta(days=2)).isoformat()
+        events.append(f"{mrn},bisphosphonate_dose,{day}T10:00:00Z,zoledronic_acid,4.0\n")
+    (folder / "cds-labs.csv").write_text("".join(labs))
+    (folder / "cds.events.csv").write_text("".join(events))
+    engine = pipeline.engine_for(settings, migrate=True)     # the backfill's store (migrated already)
+    pipeline.ingest(settings, [folder / "cds-labs.csv", folder / "cds.events.csv"])
+    with engine.begin() as conn:
+        history = reads.load_patients(conn, [mrn])
+        found = rules.evaluate(*history, today, settings)
+        alerts.sync_findings(conn, found, today, patients={mrn})
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    jwks = folder / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())),
+                                          "kid": "bench", "alg": "ES384"}]}))
+    issuer = "https://ehr.bench.example"
+    settings = with_overrides(settings, cds_hooks__base_url="http://testserver",
+                              cds_hooks__issuers={issuer: {"jwks_file": str(jwks)}})
+    from fastapi.testclient import TestClient
+
+    from bonewatch.web import create_app
+
+    client = TestClient(create_app(settings, engine=engine))
+
+    def signed(service: str) -> dict:
+        url = f"http://testserver/cds-services/{service}"
+        stamp = int(time.time())
+        claims = {"iss": issuer, "aud": url, "exp": stamp + 300, "iat": stamp, "jti": str(uuid_.uuid4())}
+        return {"Authorization": "Bearer " + jwt.encode(claims, key, algorithm="ES384", headers={"kid": "bench"})}
+
+    at = (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    def obs(oid, loinc, value, unit):
+        return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {
+            "resourceType": "Observation", "id": oid, "status": "final", "effectiveDateTime": at,
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+            "subject": {"reference": "Patient/cds-bench"},
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}}]}
+    patient = {"resourceType": "Patient", "id": "cds-bench", "gender": "female", "birthDate": "1950-03-01",
+               "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                                    "code": "MR"}]}, "value": mrn}]}
+    order = {"resourceType": "MedicationRequest", "id": "draft-1", "status": "draft", "intent": "order",
+             "subject": {"reference": "Patient/cds-bench"},
+             "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                       "code": "77655"}]},
+             "dosageInstruction": [{"doseAndRate": [{"doseQuantity": {"value": 4, "unit": "mg", "code": "mg"}}]}]}
+    bodies = {
+        "bonewatch-patient-view": {"hook": "patient-view", "context": {"userId": "Practitioner/1",
+                                                                       "patientId": "cds-bench"},
+                                   "prefetch": {"patient": patient}},
+        "bonewatch-order-sign": {"hook": "order-sign", "context": {
+            "userId": "Practitioner/1", "patientId": "cds-bench",
+            "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": order}]}},
+            "prefetch": {"patient": patient, "creatinine": obs("scr", "2160-0", 1.7, "mg/dL"),
+                         "weight": obs("wt", "29463-7", 68, "kg")}},
+    }
+    timings: dict[str, list[float]] = {name: [] for name in bodies}
+    cpu: dict[str, list[float]] = {name: [] for name in bodies}
+    cards: dict[str, list[str]] = {}
+    for _ in range(int(args.get("calls", 7))):
+        for name, body in bodies.items():
+            headers = signed(name)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            response = client.post(f"/cds-services/{name}", json={**body, "hookInstance": str(uuid_.uuid4())},
+                                   headers=headers)
+            timings[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - cpu_started)
+            if response.status_code != 200:
+                raise RuntimeError(f"{name}: HTTP {response.status_code}")
+            cards[name] = [c["source"]["topic"]["code"] for c in response.json()["cards"]]
+    result = {"seconds": sum(sum(t) for t in timings.values()), "labs": len(labs) - 1, "events": len(events) - 1}
+    for name, short in (("bonewatch-patient-view", "patient_view"), ("bonewatch-order-sign", "order_sign")):
+        result[f"{short}_first_ms"] = round(timings[name][0] * 1000, 1)
+        result[f"{short}_ms"] = round(statistics.median(timings[name][1:]) * 1000, 1)
+        result[f"{short}_cpu_ms"] = round(statistics.median(cpu[name][1:]) * 1000, 1)
+        result[f"{short}_cards"] = cards[name]
+    return result
+
+
 STEPS = {"duckdb": duckdb_reference, "backfill": backfill, "night": night, "rerun": rerun,
          "evaluate_full": evaluate_full, "ingest_format": ingest_format,
-         "write_formats": write_formats, "small_files": small_files}
+         "write_formats": write_formats, "small_files": small_files,
+         "cds_hooks": cds_hooks}
 
 
 def main() -> None:

@@ -364,6 +364,11 @@ def serve(ctx: click.Context, host: str, port: int | None) -> None:
     BONEWATCH_DASHBOARD_PASSWORD is set (at least 16 characters): HTTP Basic login as
     [quality] dashboard_user (default data-team) with that password. Without it /dashboard
     answers 404. The ack links need no login: their signed token is the credential.
+
+    The CDS Hooks 2.0 service for the EHR answers at /cds-services (patient-view: the patient's
+    open alerts as cards; order-sign: a draft zoledronic acid or pamidronate order checked at
+    signing). Every call needs the EHR's signed JWT: trust an EHR in [cds_hooks.issuers]
+    (its iss and its JWK Set or PEM key) and set [cds_hooks] base_url to the URL it calls.
     """
     from urllib.parse import urlsplit
 

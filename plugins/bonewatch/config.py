@@ -32,6 +32,7 @@ from pydantic import (
     SerializationInfo,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from bonewatch.errors import ConfigError
@@ -309,6 +310,52 @@ class Quality(BaseModel):
         return _hhmm(value)
 
 
+#: JWT algorithms CDS Hooks 2.0 allows ("Trusting CDS Clients": asymmetric only, never `none` or HMAC)
+CDS_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+
+
+class CdsIssuer(BaseModel):
+    """One EHR trusted to call the CDS Hooks service (`[cds_hooks.issuers."<iss>"]`): where its
+    public keys are. Exactly one of the three."""
+
+    model_config = _STRICT
+    jwks_file: str = ""            # a JWK Set file (air-gapped sites)
+    jwks_url: str = ""             # the EHR's JWK Set URL (fetched and cached)
+    pem_file: str = ""             # one public key in PEM
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CdsIssuer:
+        if sum(bool(v) for v in (self.jwks_file, self.jwks_url, self.pem_file)) != 1:
+            raise ValueError("set exactly one of jwks_file, jwks_url or pem_file")
+        return self
+
+
+class CdsHooks(BaseModel):
+    """The CDS Hooks 2.0 service of `bonewatch serve` (`bonewatch.cds`)."""
+
+    model_config = _STRICT
+    # The service's public base URL as the EHR calls it (the JWT `aud` is <base_url>/cds-services/<id>);
+    # empty: [site] ack_base_url.
+    base_url: str = ""
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    algorithms: list[str] = ["ES384", "RS384"]
+    public_discovery: bool = False
+    # browser-based CDS clients (the CDS Hooks sandbox) call from these origins: CORS for /cds-services only
+    cors_origins: list[str] = []
+    leeway_s: float = Field(30, ge=0, le=300)
+    issuers: dict[str, CdsIssuer] = {}
+    source_urls: dict[str, str] = {}
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in CDS_ALGORITHMS:
+                raise ValueError(f"{name!r} is not allowed: CDS Hooks 2.0 accepts only asymmetric signatures "
+                                 f"({', '.join(CDS_ALGORITHMS)})")
+        return value
+
+
 class RuleSettings(BaseModel):
     """A rule's metadata and thresholds; any extra key is a threshold of that rule."""
 
@@ -341,6 +388,7 @@ class Settings(BaseModel):
     feeds: dict[str, Feed] = {}
     sources: dict[str, SqlSource] = {}
     quality: Quality = Quality()
+    cds_hooks: CdsHooks = CdsHooks()
     rules: dict[str, RuleSettings]
 
     # ---- derived paths -------------------------------------------------------------------

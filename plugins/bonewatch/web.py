@@ -7,6 +7,7 @@ this module starts nothing and touches no database.
     POST /alerts/{alert_id}/ack           t=TOKEN&by=NAME: acknowledge it
     GET  /healthz                         "ok" when the store answers (503 when it does not)
     GET  /dashboard/...                   the data-quality dashboard, behind HTTP Basic (see below)
+    GET  /cds-services, POST /cds-services/{id}   the CDS Hooks service for the EHR (`bonewatch.cds`)
 
 The token (see `bonewatch.notify.tokens`) is signed with BONEWATCH_ACK_SECRET, expires, and names
 one alert occurrence: it acknowledges that alert and nothing else, and only once. The GET never
@@ -74,8 +75,9 @@ class _Guard:
     In: the app, the body limit, and `page(status, title, message)` returning a Starlette Response.
     """
 
-    def __init__(self, app, *, max_body: int, page):
+    def __init__(self, app, *, max_body: int, page, limits: dict[str, int] | None = None):
         self.app, self.max_body, self.page = app, max_body, page
+        self.limits = limits or {}      # path prefix -> its own body limit (the CDS Hooks calls)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -83,6 +85,8 @@ class _Guard:
         from starlette.datastructures import Headers, MutableHeaders
 
         path = scope.get("path", "")
+        max_body = next((n for prefix, n in self.limits.items() if path == prefix or path.startswith(prefix + "/")),
+                        self.max_body)
         csp = (_CSP_DATADOCS if path.startswith(f"{DASHBOARD}/datadocs/") else
                _CSP_DASHBOARD if path.startswith(f"{DASHBOARD}/") else _CSP_PAGES)
         started = False
@@ -101,8 +105,8 @@ class _Guard:
         if declared is not None and not declared.strip().isdigit():
             return await self.page(400, "Bad request", "The request's Content-Length is not a number.")(
                 scope, receive, send_secured)
-        if declared is not None and int(declared) > self.max_body:
-            return await self._too_large(scope, receive, send_secured)
+        if declared is not None and int(declared) > max_body:
+            return await self._too_large(scope, receive, send_secured, max_body)
         received = 0
 
         async def receive_limited():
@@ -110,7 +114,7 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     raise _BodyTooLarge
             return message
 
@@ -118,7 +122,7 @@ class _Guard:
             await self.app(scope, receive_limited, send_secured)
         except _BodyTooLarge:
             if not started:
-                await self._too_large(scope, receive, send_secured)
+                await self._too_large(scope, receive, send_secured, max_body)
         except Exception as exc:  # noqa: BLE001 - the last line before the client: one page, one log line
             from sqlalchemy.exc import OperationalError
 
@@ -140,8 +144,8 @@ class _Guard:
                                      f"the detail is in its log (reference {reference}).")
             await response(scope, receive, send_secured)
 
-    async def _too_large(self, scope, receive, send):
-        response = self.page(413, "Request too large", f"A request body may be at most {self.max_body} bytes.")
+    async def _too_large(self, scope, receive, send, max_body: int):
+        response = self.page(413, "Request too large", f"A request body may be at most {max_body} bytes.")
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
 
@@ -213,7 +217,7 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
 
     from bonewatch import pipeline
     from bonewatch.notify import render
-    from bonewatch.notify.tokens import TokenExpired, TokenInvalid, read_token
+    from bonewatch.notify.tokens import TokenExpired, TokenInvalid, ack_link, read_token
     from bonewatch.store import alerts as store_alerts
     from bonewatch.store.tables import alerts as alerts_table
 
@@ -335,7 +339,13 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
 
     app.mount(DASHBOARD, _Dashboard(default_folder(settings), settings.quality.dashboard_user,
                                     settings.quality.dashboard_password, notice), name="dashboard")
-    app.add_middleware(_Guard, max_body=MAX_BODY_BYTES, page=notice)
+    # the CDS Hooks service for the EHR (bonewatch.cds): hook calls carry prefetched FHIR data
+    from bonewatch.cds import service as cds
+
+    cds.mount(app, settings, engine, clock=clock, ack_url=lambda a: ack_link(
+        settings.site.ack_base_url, secret, a["alert_id"], a["raised_on"], issued_at=clock()))
+    app.add_middleware(_Guard, max_body=MAX_BODY_BYTES, page=notice,
+                       limits={cds.PREFIX: settings.cds_hooks.max_body_bytes})
     return app
 
 
