@@ -330,3 +330,28 @@ def test_ack_page_silences_through_the_signed_token(page, engine):
     assert made["ends_at"] - made["starts_at"] == timedelta(days=7)
     (entry,) = [r for r in audit_rows(engine) if r["event"] == "silenced"]
     assert (entry["actor"], entry["alert_id"]) == ("web:R. Nurse", alert_id)
+
+
+def test_dashboard_lists_silences_in_force_without_patient_id_or_reason(engine, settings, tmp_path):
+    from bonewatch.dashboard import build
+
+    hold = alert_row("004711", "RENAL_HOLD", "high")
+    insert_alerts(engine, hold)
+    at = datetime(2025, 6, 2, 9)
+    with engine.begin() as conn:
+        by_alert = silences.create(conn, alert_id=hold["alert_id"], duration=timedelta(days=3),
+                                   reason="Mrs Example moved to hospice", by="R. Nurse", at=at)
+        by_patient = silences.create(conn, patient_id="004711", rule="RENAL_HOLD", duration=timedelta(days=7),
+                                     reason="Mrs Example moved to hospice", by="A. Nurse", at=at)
+        silences.create(conn, patient_id="004711", duration=timedelta(hours=1), reason="expired by then",
+                        by="X. Gone", at=at)
+    index = build.build(engine, settings, tmp_path / "dash", now=datetime(2025, 6, 3, 9, tzinfo=UTC))
+    html = index.read_text("utf-8")
+    shown = html[html.index('id="silenced"'):]
+    shown = shown[:shown.index("</table>")]
+    assert f"<td>{by_alert['silence_id']}</td><td>alert {hold['alert_id']}</td>" in shown
+    assert "<td>2025-06-05 09:00</td><td>R. Nurse</td>" in shown
+    assert f"<td>{by_patient['silence_id']}</td><td>a patient, rule RENAL_HOLD</td>" in shown
+    assert "<td>2025-06-09 09:00</td><td>A. Nurse</td>" in shown
+    assert "X. Gone" not in html                                    # expired: not in force
+    assert "004711" not in html and "Example" not in html and "hospice" not in html
