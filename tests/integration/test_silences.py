@@ -138,7 +138,11 @@ def test_patient_and_rule_silence_covers_an_alert_raised_after_it(engine, settin
             _hold(engine)["alert_id"]: {"until": datetime(2025, 6, 3, 12), "reason": "moved to hospice care",
                                         "by": "A. Nurse", "silence_id": made["silence_id"]}}
         assert silences.active_for_patient(conn, PATIENT, datetime(2025, 6, 3, 12)) == {}
-        # another rule of the same patient is not matched
+    # another rule of the same patient is not matched, nor another patient
+    other = alert_row(PATIENT, "DOSE_BAND", "high")
+    insert_alerts(engine, other, alert_row("000999", "RENAL_HOLD", "high"))
+    with engine.connect() as conn:
+        assert other["alert_id"] not in silences.active_for_patient(conn, PATIENT, datetime(2025, 6, 2, 12))
         assert silences.active_for_patient(conn, "000999", datetime(2025, 6, 2, 12)) == {}
 
 
@@ -237,6 +241,11 @@ def test_unknown_alert_or_silence_is_one_line(engine):
     assert (done.returncode, done.stderr) == (1, "bonewatch: no alert Anosuchalert0000\n")
     done = run_cli("unsilence", "42", "--by", "R. Nurse")
     assert (done.returncode, done.stderr) == (1, "bonewatch: no silence 42\n")
+    insert_alerts(engine, alert_row("000123", "RENAL_HOLD", "high"))
+    (alert_id,) = alert_rows(engine)
+    for target in ([], [alert_id, "--patient", "000123"]):
+        done = run_cli("silence", *target, "--for", "3d", "--reason", "x", "--by", "R. Nurse")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "either one alert" in done.stderr
 
 
 def test_parse_duration_units():
@@ -276,6 +285,37 @@ def test_alert_silenced_after_its_digest_was_queued_is_left_out_when_it_goes(eng
     before = len(mailbox.messages)
     assert flush(engine, cfg).cancelled == 1
     assert len(mailbox.messages) == before and alert_rows(engine)[review]["status"] == "open"
+
+
+def test_notified_alert_never_reminded_comes_back_once_when_its_silence_ends(engine, mailbox):
+    """Medium severity is never reminded: only the silence's end brings it back, once, and not
+    when it resolved meanwhile."""
+    from sqlalchemy import update
+
+    from bonewatch.store.tables import alerts
+
+    cfg = load_settings()
+    review = alert_row("000555", "REVIEW_1Y", "medium", night=FIRST)
+    gone = alert_row("000556", "REVIEW_2Y", "medium", night=FIRST)
+    insert_alerts(engine, review, gone)
+    queue_digests(engine, cfg, FIRST)
+    assert flush(engine, cfg).alerts_notified == 2
+    with engine.begin() as conn:
+        for row in (review, gone):
+            silences.create(conn, alert_id=row["alert_id"], duration=timedelta(days=2), reason="reviewed in clinic",
+                            by="R. Nurse", at=datetime(2025, 6, 1, 12))
+        conn.execute(update(alerts).where(alerts.c.alert_id == gone["alert_id"])
+                     .values(status="resolved", resolved_on=date(2025, 6, 2)))
+    assert queue_digests(engine, cfg, date(2025, 6, 2), silences_at=datetime(2025, 6, 2, 23)) == 0
+    assert queue_digests(engine, cfg, date(2025, 6, 3), silences_at=datetime(2025, 6, 3, 11)) == 0
+    # ended at 06-03 12:00: the 06-03 run after it queues the one still live, once
+    assert queue_digests(engine, cfg, date(2025, 6, 3), silences_at=datetime(2025, 6, 3, 23)) == 1
+    assert flush(engine, cfg).sent == 1
+    text = parts(mailbox.messages[-1])[0]
+    assert review["alert_id"] in text and gone["alert_id"] not in text
+    assert queue_digests(engine, cfg, date(2025, 6, 4), silences_at=datetime(2025, 6, 4, 23)) == 0
+    assert len(mailbox.messages) == 2
+    assert [r["event"] for r in audit_rows(engine) if r["event"] == "silence_ended"] == ["silence_ended"] * 2
 
 
 @pytest.fixture
