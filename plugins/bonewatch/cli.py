@@ -210,13 +210,16 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
     """List alerts. JSON is one object a line; FHIR is one R4 DetectedIssue a line, validated."""
     from bonewatch import pipeline
     from bonewatch.store import alerts as store_alerts
+    from bonewatch.store import silences
 
     engine = pipeline.engine_for(_settings(ctx))
     with engine.connect() as conn:
         rows = store_alerts.list_alerts(conn, list(status))
+        muted = silences.silenced_alerts(conn, pipeline._now(), [r for r in rows if r["status"] != "resolved"])
     if fmt == "json":
         for row in rows:
-            click.echo(json.dumps(row, sort_keys=True, default=str))
+            # `silenced`: null, or the silence that holds it now (until, reason, by, silence_id)
+            click.echo(json.dumps({**row, "silenced": muted.get(row["alert_id"])}, sort_keys=True, default=str))
         return
     if fmt == "fhir":
         from bonewatch.export import detected_issue_lines
@@ -227,11 +230,15 @@ def alerts(ctx: click.Context, fmt: str, status: tuple[str, ...]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} alert(s)")
-    for column in ("alert_id", "patient_id", "rule", "severity", "raised_on", "status", "summary"):
+    for column in ("alert_id", "patient_id", "rule", "severity", "raised_on", "status"):
         table.add_column(column, overflow="fold")
+    table.add_column("silenced", no_wrap=True)
+    table.add_column("summary", overflow="fold")
     for row in rows:
+        held = muted.get(row["alert_id"])
         table.add_row(row["alert_id"], row["patient_id"], row["rule"], row["severity"], str(row["raised_on"]),
-                      row["status"], str(row["evidence"].get("summary", "")))
+                      row["status"], f"until {held['until']:%Y-%m-%d %H:%M} UTC by {held['by']}" if held else "",
+                      str(row["evidence"].get("summary", "")))
     _console(width=160).print(table)
 
 
@@ -290,6 +297,91 @@ def ack(ctx: click.Context, alert_id: str, by: str) -> None:
         raise NotFound(f"no alert {alert_id}")
     click.echo(f"{alert_id} acknowledged by {by}" if previous in ("open", "notified")
                else f"{alert_id} was already {previous}")
+
+
+@cli.command()
+@click.argument("alert_id", required=False)
+@click.option("--patient", "patient_id", help="Silence this patient's alerts (MRN) instead of one alert.")
+@click.option("--rule", help="With --patient: only the alerts of this rule (e.g. RENAL_HOLD).")
+@click.option("--for", "duration", required=True, metavar="DURATION",
+              help="How long: a whole number and h, d or w (12h, 14d, 2w); at most [notify] silence_max_days.")
+@click.option("--reason", required=True, help="Why it is handled outside bonewatch (kept with the silence).")
+@click.option("--by", "by", required=True, help="Who silences it (name or initials).")
+@click.pass_context
+def silence(ctx: click.Context, alert_id: str | None, patient_id: str | None, rule: str | None, duration: str,
+            reason: str, by: str) -> None:
+    """Silence an alert for a stated time, with a reason, without acknowledging it.
+
+    \b
+      bonewatch silence 1a2b3c4d5e6f --for 14d --reason "infusion cancelled" --by "R. Nurse"
+      bonewatch silence --patient 000123 --rule RENAL_HOLD --for 2w --reason "hospice care" --by RN
+
+    While the silence holds, its alerts are not emailed, not re-sent as reminders, and show as
+    silenced in `bonewatch alerts`; their status does not change. A --patient silence also covers
+    the alerts of that patient raised later while it holds. When it ends (it expires, or
+    `bonewatch unsilence`), the next nightly run emails its alerts again if their condition still
+    holds, and not if they resolved meanwhile. Every silence is in the audit table.
+    """
+    from bonewatch import pipeline
+    from bonewatch.errors import SilenceError
+    from bonewatch.store import silences
+
+    settings = _settings(ctx)
+    if rule and rule not in settings.rules:
+        raise SilenceError(f"--rule {rule!r} is not a rule id (see `bonewatch rules`)")
+    length = silences.parse_duration(duration, settings.notify.silence_max_days)
+    with pipeline.engine_for(settings).begin() as conn:
+        made = silences.create(conn, alert_id=alert_id, patient_id=patient_id, rule=rule, duration=length,
+                               reason=reason, by=by, at=pipeline._now())
+    click.echo(f"silence {made['silence_id']}: {silences.matcher_text(made)} silenced until "
+               f"{made['ends_at']:%Y-%m-%d %H:%M} UTC by {made['created_by']} "
+               f"({len(made['covers'])} alert(s) now); end it early with "
+               f"`bonewatch unsilence {made['silence_id']} --by NAME`")
+
+
+@cli.command("silences")
+@click.option("--all", "everything", is_flag=True, help="Also the silences that have expired or were ended.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def silences_list(ctx: click.Context, everything: bool, fmt: str) -> None:
+    """List the silences in force: what they match, who made them, why, and until when."""
+    from bonewatch import pipeline
+    from bonewatch.store import silences
+
+    with pipeline.engine_for(_settings(ctx)).connect() as conn:
+        rows = silences.list_silences(conn, pipeline._now(), everything=everything)
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps({k: row[k] for k in ("silence_id", "state", "alert_id", "patient_id", "rule",
+                                                       "starts_at", "ends_at", "reason", "created_by", "ended_at",
+                                                       "ended_by", "alerts")}, default=str))
+        return
+    if not rows:
+        click.echo("no silences" if everything else "no active silences (--all lists the ended ones)")
+        return
+    from rich.table import Table
+
+    table = Table("id", "state", "matches", "alerts", "until (UTC)", "by", "reason",
+                  title=f"{len(rows)} silence(s)")
+    for row in rows:
+        state = row["state"] + (f" by {row['ended_by']}" if row["state"] == "ended" else "")
+        table.add_row(str(row["silence_id"]), state, silences.matcher_text(row), " ".join(row["alerts"]) or "-",
+                      f"{silences.until(row):%Y-%m-%d %H:%M}", row["created_by"], row["reason"])
+    _console(width=180).print(table)
+
+
+@cli.command()
+@click.argument("silence_id", type=int)
+@click.option("--by", "by", required=True, help="Who ends it (name or initials).")
+@click.pass_context
+def unsilence(ctx: click.Context, silence_id: int, by: str) -> None:
+    """End a silence early: the next nightly run emails its alerts again if still open."""
+    from bonewatch import pipeline
+    from bonewatch.store import silences
+
+    with pipeline.engine_for(_settings(ctx)).begin() as conn:
+        row = silences.end(conn, silence_id, by=by, at=pipeline._now())
+    click.echo(f"silence {silence_id} ({silences.matcher_text(row)}) ended by {row['ended_by']}")
 
 
 @cli.command()

@@ -172,6 +172,8 @@ class Notify(BaseModel):
     claim_lease_s: float = Field(600, gt=0)
     charts: bool = True
     chart_days: int = Field(180, ge=7)
+    # The longest a silence may last (`bonewatch silence --for`), so nothing is muted forever.
+    silence_max_days: int = Field(90, ge=1, le=366)
 
 
 class Ingest(BaseModel):

@@ -52,3 +52,9 @@ class AlertDeliveryError(BonewatchError):
 
 class NotFound(BonewatchError):
     """A named object (alert, file) does not exist."""
+
+
+class SilenceError(BonewatchError):
+    """A silence cannot be made or ended as asked (bad or too long a duration, no reason)."""
+
+    exit_code = 2

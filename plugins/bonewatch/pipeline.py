@@ -92,6 +92,11 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _naive_utc(moment: datetime) -> datetime:
+    """Naive UTC, as the store's DateTime columns hold, from an aware or a naive (UTC) time."""
+    return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
 def walk_paths(paths: Iterable[str | Path], *, inbox: Path | None = None) -> tuple[list[Path], list[SourceUnreadable]]:
     """The files to read, and the paths refused, each with a one-line reason (nothing refused is
     opened): files as given, folders walked recursively (sorted; hidden files ignored).
@@ -831,14 +836,16 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
                            {part: round(value, 3) for part, value in seconds.items()}, label)
 
 
-def notify(settings: Settings, night: date, *, retry_now: bool = False) -> NotifySummary:
+def notify(settings: Settings, night: date, *, retry_now: bool = False,
+           now: datetime | None = None) -> NotifySummary:
     """Queue tonight's digests (new alerts and due reminders) in the outbox and send whatever the
-    outbox holds. `retry_now` ignores the back-off of messages that failed recently."""
+    outbox holds. `retry_now` ignores the back-off of messages that failed recently. `now` (naive
+    UTC, default the clock) decides which silences hold."""
     from bonewatch.notify import outbox
 
     engine = engine_for(settings)
-    queued = outbox.queue_digests(engine, settings, night)
-    result = outbox.flush(engine, settings, retry_now=retry_now)
+    queued = outbox.queue_digests(engine, settings, night, silences_at=now)
+    result = outbox.flush(engine, settings, retry_now=retry_now, silences_at=now)
     # A deferred message is undelivered too: counting it as failed keeps the exit code (and the
     # Airflow retry) honest.
     summary = NotifySummary(queued=queued, sent=result.sent, failed=result.failed + result.deferred,
@@ -851,7 +858,7 @@ def notify(settings: Settings, night: date, *, retry_now: bool = False) -> Notif
 def nightly(settings: Settings, as_of: date, *, now: datetime | None = None) -> dict:
     """The whole night as the DAGs run it: ingest the night's partition, evaluate, check the
     feeds' data quality, notify. `now` is the run's clock (default: the wall clock); it decides
-    whether a feed not there yet is "missing" or "not yet due"."""
+    whether a feed not there yet is "missing" or "not yet due", and which silences hold."""
     from bonewatch.store import locks
 
     engine = engine_for(settings)
@@ -874,7 +881,7 @@ def _nightly(engine: Engine, settings: Settings, as_of: date, now: datetime | No
             ingested = ingested + pull(settings, partition=as_of.isoformat())
     evaluated = evaluate(settings, as_of)
     checked = quality_check(settings, as_of, now=now or started, paths=paths, validations=validations)
-    notified = notify(settings, as_of)
+    notified = notify(settings, as_of, now=None if now is None else _naive_utc(now))
     result = {"night": as_of.isoformat(), "ingest": ingested.as_dict(), "evaluate": evaluated.as_dict(),
               "quality": checked.as_dict(), "notify": notified.as_dict()}
     status = "ok" if not (ingested.failed_files or notified.failed) else "failures"

@@ -3,14 +3,15 @@
 `create_app(settings)` returns a FastAPI app (FastAPI and uvicorn ship with Airflow 3); importing
 this module starts nothing and touches no database.
 
-    GET  /alerts/{alert_id}?t=TOKEN       the alert and a one-field form (your name)
+    GET  /alerts/{alert_id}?t=TOKEN       the alert, the ack form (your name) and the silence form
     POST /alerts/{alert_id}/ack           t=TOKEN&by=NAME: acknowledge it
+    POST /alerts/{alert_id}/silence       t=TOKEN&by=NAME&reason=TEXT&for=14d: silence it (no ack)
     GET  /healthz                         "ok" when the store answers (503 when it does not)
     GET  /dashboard/...                   the data-quality dashboard, behind HTTP Basic (see below)
     GET  /cds-services, POST /cds-services/{id}   the CDS Hooks service for the EHR (`bonewatch.cds`)
 
 The token (see `bonewatch.notify.tokens`) is signed with BONEWATCH_ACK_SECRET, expires, and names
-one alert occurrence: it acknowledges that alert and nothing else, and only once. The GET never
+one alert occurrence: it acknowledges (or silences) that alert and nothing else. The GET never
 changes anything, because mail security scanners open every link in an email; the click on the
 form's button is what acknowledges. Refusals (a tampered, expired or foreign token, an alert
 already acknowledged) get a clear page and a 4xx status; pages carry `no-store` and
@@ -45,7 +46,8 @@ from bonewatch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: The largest request body read (bytes): the ack form is a token and a name, well under 1 KiB.
+#: The largest request body read (bytes): the ack form is a token and a name, the silence form adds
+#: a reason (at most 1000 characters) and a length; a few KiB at most.
 MAX_BODY_BYTES = 8 * 1024
 DASHBOARD = "/dashboard"
 
@@ -216,9 +218,11 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
     from starlette.exceptions import HTTPException
 
     from bonewatch import pipeline
+    from bonewatch.errors import SilenceError
     from bonewatch.notify import render
     from bonewatch.notify.tokens import TokenExpired, TokenInvalid, ack_link, read_token
     from bonewatch.store import alerts as store_alerts
+    from bonewatch.store import silences
     from bonewatch.store.tables import alerts as alerts_table
 
     secret = require_secret(settings)
@@ -306,13 +310,53 @@ def create_app(settings: Settings, *, engine=None, clock=_utcnow):
             return PlainTextResponse("store unavailable", status_code=503, headers=_HEADERS)
         return PlainTextResponse("ok", headers=_HEADERS)
 
+    # the silence form's choices: a few lengths a nurse picks from, none over the configured maximum
+    lengths = [n for n in ("1d", "3d", "7d", "14d", "30d", "90d")
+               if int(n[:-1]) <= settings.notify.silence_max_days] or ["1d"]
+
+    def form(alert_id: str, token: str, by: str = "", reason: str = "", length: str = "14d") -> dict:
+        return {"action": f"/alerts/{quote(alert_id)}/ack", "token": token, "by": by,
+                "silence_action": f"/alerts/{quote(alert_id)}/silence", "reason": reason,
+                "lengths": lengths, "length": length if length in lengths else lengths[-1]}
+
+    def with_silence(alert: dict) -> dict:
+        with engine.connect() as conn:
+            held = silences.silenced_alerts(conn, clock(), [alert]).get(alert["alert_id"])
+        return {**alert, "silenced": held}
+
     @app.api_route("/alerts/{alert_id}", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def show(alert_id: str, t: str | None = None) -> Any:
         alert, refusal = check(alert_id, t)
         if refusal is not None:
             return refusal
-        return page(200, "Acknowledge this alert", "", alert,
-                    {"action": f"/alerts/{quote(alert_id)}/ack", "token": t, "by": ""})
+        return page(200, "Acknowledge this alert", "", with_silence(alert), form(alert_id, t))
+
+    @app.post("/alerts/{alert_id}/silence", response_class=HTMLResponse)
+    async def silence(alert_id: str, request: Request) -> Any:
+        # the same signed token as the ack form: it is the credential, in the body, never a cookie
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+        token = (fields.get("t") or [""])[0]
+        by = " ".join((fields.get("by") or [""])[0].split())[:128]
+        reason = " ".join((fields.get("reason") or [""])[0].split())[:1000]
+        length = (fields.get("for") or [""])[0].strip()
+        alert, refusal = check(alert_id, token)
+        if refusal is not None:
+            return refusal
+        if not by or not reason:
+            return page(400, "Your name and a reason are needed", "Enter your name and why the alert is "
+                        "handled outside bonewatch to silence it.", alert, form(alert_id, token, by, reason, length))
+        try:
+            duration = silences.parse_duration(length, settings.notify.silence_max_days)
+            with engine.begin() as conn:
+                made = silences.create(conn, alert_id=alert_id, duration=duration, reason=reason, by=by,
+                                       at=clock(), via="web")
+        except SilenceError as exc:
+            return page(400, "Not silenced", str(exc).replace("--for ", "The length "), alert,
+                        form(alert_id, token, by, reason, length))
+        return page(200, "Silenced", f"Alert {alert_id} silenced by {by} until "
+                    f"{made['ends_at']:%Y-%m-%d %H:%M} UTC (silence {made['silence_id']}). It is not emailed "
+                    "until then, and comes back afterwards if its condition still holds.",
+                    with_silence(load(alert_id)))
 
     @app.post("/alerts/{alert_id}/ack", response_class=HTMLResponse)
     async def acknowledge(alert_id: str, request: Request) -> Any:

@@ -57,6 +57,17 @@ def quarantine_places(conn: Connection, first: date, last: date) -> dict[tuple[s
     return places
 
 
+def silences_shown(conn: Connection, now: datetime) -> list[dict]:
+    """The silences in force at `now`, as the dashboard shows them: id, what they match (an alert
+    id, or "a patient" and the rule: never the patient id), how many alerts, until when (UTC), by
+    whom. Not the reason: it is free text and can name someone (`bonewatch silences` shows it)."""
+    from bonewatch.store import silences
+
+    return [{"id": s["silence_id"], "matches": silences.matcher_text(s, with_patient=False),
+             "alerts": len(s["alerts"]), "until": f"{silences.until(s):%Y-%m-%d %H:%M}", "by": s["created_by"]}
+            for s in silences.list_silences(conn, metrics.as_naive_utc(now))]
+
+
 def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
           through: date | None = None) -> Path:
     """Write the dashboard into `out` (its index.html, a page per feed, quarantine, validation
@@ -78,6 +89,7 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         places: dict[tuple[str, str], list[str]] = {}
         # a local code may be a name or an MRN sent in a code field: masked (`bonewatch codes` shows it)
         codes = code_list.public_codes(code_list.load(conn, settings, everything=True), settings)
+        silenced = silences_shown(conn, now)
         if last is not None:
             first = last - timedelta(days=settings.quality.window_nights - 1)
             nights = [first + timedelta(days=i) for i in range(settings.quality.window_nights)]
@@ -113,7 +125,8 @@ def build(engine: Engine, settings: Settings, out: Path, *, now: datetime,
         deadlines={name: feed.deadline for name, feed in settings.feed_rules.items()},
         feed_rows=feed_rows, night_rows=night_rows, validations=validations,
         thresholds=metrics.Thresholds.of(settings.quality),
-        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "", codes=codes, places=places)
+        datadocs_index=f"{DATADOCS}/index.html" if hrefs else "", codes=codes, places=places,
+        silenced=silenced)
     rendered = pages.render(data)
     for stale in out.glob("feed-*.html"):
         if stale.name not in rendered:

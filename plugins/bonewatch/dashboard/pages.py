@@ -55,6 +55,8 @@ class DashboardData:
     codes: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: (feed, public reason) -> a few "file, line N" of its quarantined rows (`build.quarantine_places`)
     places: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    #: silences in force when built (`build.silences_shown`): id, matches, alerts, until, by
+    silenced: list[dict] = field(default_factory=list)
 
 
 def feed_page_name(feed: str) -> str:
@@ -470,7 +472,7 @@ def render(data: DashboardData) -> dict[str, str]:
         **common, page="index", plotly_js=plotly, status=status, counts=counts,
         overview=overview_figure(data), problems=problem_list(data), alert_volume=alert_volume_figure(data),
         ack=ack_figure(data), alert_totals=alert_table(data), ack_latest=latest_ack(data),
-        recorded=bool(len(data.feed_rows)),
+        recorded=bool(len(data.feed_rows)), silenced=data.silenced,
         unmapped=int((data.codes["status"] == "unmapped").sum()) if len(data.codes) else 0)
     for feed in data.feeds:
         frame = _feed_frame(data, feed)

@@ -8,7 +8,8 @@ Three entry points, all safe to rerun:
   recipient for that night. Recipients come from the patient's care team (`[recipients.teams]`,
   the latest `care_team` event), else `[recipients] default`. An alert waits in at most one
   pending row per recipient, so a rerun, or the next night while an outage holds a row back,
-  adds nothing twice.
+  adds nothing twice. An alert an active silence matches (`bonewatch.store.silences`) is left
+  out, reminders included; once the silence has ended its still-live alerts are queued again.
 - `queue_message(engine, kind=..., recipients=..., night=..., subject=..., text=..., html=...,
   key=...)` queues a ready-made message (a data-quality notice to the data team), one row per
   recipient, idempotent on (kind, key, recipient). Its body is stored and sent as it is.
@@ -32,7 +33,8 @@ expired, under the same Message-ID (clients that de-duplicate on it show it once
 kills a flush exactly there and counts these separately.
 
 Outbox row status: `pending` → `sent`, or `cancelled` when, by the time it could be sent, every
-alert in it had been acknowledged or resolved (nothing left to tell; `last_error` says so).
+alert in it had been acknowledged, resolved or silenced (nothing left to tell; `last_error` says so).
+A digest leaves out the alerts silenced by the time it goes out; they stay `open` or `notified`.
 Every send attempt and every alert state change lands in `alert_audit`.
 """
 
@@ -57,7 +59,7 @@ from bonewatch.notify.charts import Trend, build_trends, family
 from bonewatch.notify.render import render_digest
 from bonewatch.notify.send import send_message
 from bonewatch.notify.tokens import ack_link
-from bonewatch.store import audit, locks
+from bonewatch.store import audit, locks, silences
 from bonewatch.store.tables import alerts, clinical_events, lab_results, outbox
 from bonewatch.store.writes import _insert
 
@@ -67,7 +69,7 @@ DIGEST = "digest"
 # Alerts a digest still carries when it finally goes out. `notified` stays in: with several
 # recipients the first acceptance marks the alert notified, and the others must still get it.
 _LIVE = ("open", "notified")
-_CANCELLED_NOTE = "not sent: every alert in it was acknowledged or resolved before delivery"
+_CANCELLED_NOTE = "not sent: every alert in it was acknowledged, resolved or silenced before delivery"
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,15}")
 _IN_CHUNK = 500
 
@@ -175,12 +177,14 @@ def queue_message(engine: Engine, *, kind: str, recipients: list[str], night: da
     return added
 
 
-def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
+def queue_digests(engine: Engine, settings: Settings, night: date, *, silences_at: datetime | None = None) -> int:
     """Queue the open alerts, and the reminders due, into tonight's digest rows; return how many
     rows were created or extended (0 on a rerun).
 
     A pending row for the same recipient and night is extended with the new alerts; if that
     night's digest has already been sent, a follow-up row is created with its own Message-ID.
+    Alerts an active silence matches at `silences_at` (the run's clock, naive UTC; default now)
+    are left out; the notified alerts of silences that have ended since are queued again.
     """
     now = _utcnow()
     changed = 0
@@ -189,10 +193,15 @@ def queue_digests(engine: Engine, settings: Settings, night: date) -> int:
             select(alerts).where(alerts.c.status == "open").order_by(alerts.c.alert_id)
         ).mappings().all())
         due = _reminders_due(conn, settings, night)
-        rows += due
+        # back from a silence: sent before it, still live, and told again now that it has ended
+        back = silences.release_ended(conn, silences_at or now)
+        seen = {row["alert_id"] for row in rows + due}
+        due += [row for row in back if row["alert_id"] not in seen]
+        muted = silences.silenced_alerts(conn, silences_at or now, rows + due)
+        rows = [row for row in rows + due if row["alert_id"] not in muted]
         if not rows:
             return 0
-        reminders = {row["alert_id"] for row in due}
+        reminders = {row["alert_id"] for row in due if row["alert_id"] not in muted}
         teams = care_teams(conn, (row["patient_id"] for row in rows), night)
         unmapped = sorted({t for t in teams.values()
                            if t.strip().casefold() not in {n.strip().casefold() for n in settings.recipients.teams}})
@@ -272,7 +281,7 @@ def _reminders_due(conn: Connection, settings: Settings, night: date) -> list[Ma
 # ---- sending --------------------------------------------------------------------------------
 
 def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
-          retry_now: bool = False) -> FlushResult:
+          retry_now: bool = False, silences_at: datetime | None = None) -> FlushResult:
     """Send every pending outbox row; return the counts and one error line a message not sent.
 
     Digests are re-rendered from the current alert rows (latest evidence; alerts acknowledged or
@@ -282,7 +291,8 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
     it records this night as its last digest, and the audit gets the attempt and the changes.
     On failure: attempts + 1, last_error, next_attempt_at (back-off) and an audit row; the row
     and its alerts stay as they were. A row still inside its back-off is skipped (`deferred`)
-    unless `retry_now`. `now` (naive UTC) defaults to the clock; tests pass it in.
+    unless `retry_now`. `now` (naive UTC) defaults to the clock; tests pass it in. Alerts an
+    active silence matches at `silences_at` (default `now`) are left out like acknowledged ones.
     """
     now = now or _utcnow()
     result = FlushResult()
@@ -321,6 +331,10 @@ def flush(engine: Engine, settings: Settings, *, now: datetime | None = None,
             with engine.connect() as conn:   # as they are now: acknowledged meanwhile, or added
                 current.update({a["alert_id"]: a for a in _alert_rows(conn, ids)})
             live = [current[aid] for aid in ids if aid in current and current[aid]["status"] in _LIVE]
+            if live:    # silenced since it was queued: left out, and it stays open or notified
+                with engine.connect() as conn:
+                    muted = silences.silenced_alerts(conn, silences_at or now, live)
+                live = [a for a in live if a["alert_id"] not in muted]
             if not live:
                 _cancel(engine, message_id, night, now)
                 result.cancelled += 1

@@ -335,3 +335,28 @@ delivery_codes = Table(
     Column("first_collected", Date, comment="earliest collection day among its rows, when one parsed"),
     Column("last_collected", Date),
 )
+
+# 0010: silences (issue 17). A nurse mutes an alert she handled outside bonewatch for a stated time,
+# with a reason, without acknowledging it (Alertmanager's model): a silence is its own record, not
+# an alert status. It matches one alert, or a patient's alerts (optionally of one rule), those
+# raised later while it holds included. Nothing is deleted: an ended silence keeps who and why.
+silences = Table(
+    "silences",
+    metadata,
+    Column("silence_id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_id", String(16), comment="matcher: this alert; NULL for a patient matcher"),
+    Column("patient_id", String(64), comment="matcher: every alert of this patient (with rule: of that rule)"),
+    Column("rule", String(40), comment="with patient_id: only this rule; NULL: every rule"),
+    Column("starts_at", DateTime, nullable=False, comment="UTC"),
+    Column("ends_at", DateTime, nullable=False, comment="UTC: it expires then"),
+    Column("reason", Text, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime, nullable=False, comment="UTC"),
+    Column("ended_at", DateTime, comment="UTC: unsilenced early"),
+    Column("ended_by", String(128)),
+    Column("released_at", DateTime,
+           comment="UTC: the notify run that, after its end, queued its still-live alerts again"),
+    Index("ix_silences_ends_at", "ends_at"),
+    Index("ix_silences_patient", "patient_id"),
+    Index("ix_silences_alert", "alert_id"),
+)
