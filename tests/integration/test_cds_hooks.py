@@ -117,7 +117,7 @@ def other_ehrs():
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def server(request, keys, other_ehrs, tmp_path_factory):
     """`bonewatch serve` in a subprocess over a store with the two histories evaluated as of today:
-    yields (base URL, path of its log)."""
+    yields (base URL, path of its log, the environment of its store)."""
     folder = tmp_path_factory.mktemp(f"cds-{request.param}")
     with throwaway_pg_database("bonewatch_cds") if request.param == "postgresql" else _nothing() as pg_url:
         url = pg_url or f"sqlite:///{folder / 'store.db'}"
@@ -152,7 +152,7 @@ def server(request, keys, other_ehrs, tmp_path_factory):
                                        env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_until_up(base, process, log)
-            yield base, log
+            yield base, log, env
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -269,7 +269,7 @@ def band_prefetch(patient_id: str) -> dict:
 
 
 def test_discovery_lists_both_services_to_a_signed_caller_only(server, keys):
-    base, _ = server
+    base, *_ = server
     url = f"{base}/cds-services"
     assert httpx.get(url).status_code == 401
     shown = httpx.get(url, headers={"Authorization": f"Bearer {token(keys[0], url)}"})
@@ -283,7 +283,7 @@ def test_discovery_lists_both_services_to_a_signed_caller_only(server, keys):
 
 
 def test_patient_view_shows_the_renal_hold_with_evidence_version_and_citation(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view("fhir-hold-1", HOLD)))
     (hold,) = [c for c in body["cards"] if c["source"]["topic"]["code"] == "RENAL_HOLD"]
     assert hold["indicator"] == "critical"
@@ -302,7 +302,7 @@ def test_patient_view_shows_the_renal_hold_with_evidence_version_and_citation(se
 
 
 def test_patient_view_without_prefetch_takes_the_id_as_the_mrn_and_answers_from_the_store(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view(BAND)))
     assert [c["source"]["topic"]["code"] for c in body["cards"]] == ["DOSE_BAND"]
     # the specification's example patient is unknown here: no cards, and still a valid answer
@@ -311,13 +311,13 @@ def test_patient_view_without_prefetch_takes_the_id_as_the_mrn_and_answers_from_
 
 
 def test_a_patient_id_known_from_an_earlier_fhir_delivery_is_mapped_to_its_mrn(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view(FHIR_REF)))
     assert "RENAL_HOLD" in [c["source"]["topic"]["code"] for c in body["cards"]]
 
 
 def test_order_sign_above_the_band_is_critical_and_suggests_the_band_dose(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-order-sign", order_sign("fhir-band-1", 4.0, band_prefetch("fhir-band-1"))))
     rules = [c["source"]["topic"]["code"] for c in body["cards"]]
     assert rules == ["DOSE_BAND"]       # today's creatinine came with the call: none missing before the dose
@@ -335,7 +335,7 @@ def test_order_sign_above_the_band_is_critical_and_suggests_the_band_dose(server
 
 
 def test_order_sign_without_prefetch_answers_from_the_store_alone(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-order-sign", order_sign(BAND, 4.0)))
     cards = {c["source"]["topic"]["code"]: c for c in body["cards"]}
     # the store's latest creatinine is 1.20 mg/dL of 30 days ago: CrCl 55.9, band 50-60 (3.5 mg), and
@@ -349,7 +349,7 @@ def test_order_sign_without_prefetch_answers_from_the_store_alone(server, keys):
 
 
 def test_order_sign_during_a_renal_hold_is_critical(server, keys):
-    base, _ = server
+    base, *_ = server
     body = valid(call(base, keys[0], "bonewatch-order-sign", order_sign(HOLD, 4.0)))
     first = body["cards"][0]
     assert first["source"]["topic"]["code"] == "RENAL_HOLD" and first["indicator"] == "critical"
@@ -357,14 +357,14 @@ def test_order_sign_during_a_renal_hold_is_critical(server, keys):
 
 
 def test_order_sign_of_other_orders_gives_no_cards(server, keys):
-    base, _ = server
+    base, *_ = server
     context = json.loads((DATA / "spec_order-sign_context_r4.json").read_text("utf-8"))["context"]
     body = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
     assert valid(call(base, keys[0], "bonewatch-order-sign", body)) == {"cards": []}
 
 
 def test_calls_without_a_valid_token_get_401(server, keys):
-    base, _ = server
+    base, *_ = server
     url = f"{base}/cds-services/bonewatch-patient-view"
     body = patient_view("fhir-hold-1", HOLD)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -395,7 +395,7 @@ def test_calls_without_a_valid_token_get_401(server, keys):
 
 
 def test_request_size_limits_and_bad_calls(server, keys):
-    base, _ = server
+    base, *_ = server
     # a call with a realistic prefetch is over the ack pages' 8 KiB and within the CDS limit
     big = patient_view("fhir-hold-1", HOLD)
     big["prefetch"]["creatinine"] = searchset(*[observation(f"scr-{n}", "fhir-hold-1", "2160-0", 1.0, "mg/dL",
@@ -415,7 +415,7 @@ def test_request_size_limits_and_bad_calls(server, keys):
 
 
 def test_no_patient_identifiers_in_the_server_log(server, keys):
-    base, log = server
+    base, log, _ = server
     call(base, keys[0], "bonewatch-order-sign", order_sign("fhir-band-1", 4.0, band_prefetch("fhir-band-1")))
     httpx.post(f"{base}/cds-services/bonewatch-patient-view", json=patient_view("fhir-hold-1", HOLD))
     text = log.read_text("utf-8", "replace")
@@ -425,7 +425,7 @@ def test_no_patient_identifiers_in_the_server_log(server, keys):
 
 
 def test_a_browser_client_of_a_configured_origin_may_call_the_cds_paths_only(server):
-    base, _ = server
+    base, *_ = server
     ask = {"Origin": SANDBOX, "Access-Control-Request-Method": "POST",
            "Access-Control-Request-Headers": "authorization,content-type"}
     allowed = httpx.options(f"{base}/cds-services/bonewatch-order-sign", headers=ask)
@@ -439,7 +439,7 @@ def test_a_browser_client_of_a_configured_origin_may_call_the_cds_paths_only(ser
 
 
 def test_keys_from_a_jwks_url_and_a_pem_file_are_trusted_for_their_issuer_only(server, keys, other_ehrs):
-    base, _ = server
+    base, *_ = server
     body = patient_view("fhir-hold-1", HOLD)
     by_url = call(base, other_ehrs[URL_ISSUER], "bonewatch-patient-view", body, iss=URL_ISSUER, algorithm="RS384")
     by_pem = call(base, other_ehrs[PEM_ISSUER], "bonewatch-patient-view", body, iss=PEM_ISSUER)
@@ -475,3 +475,25 @@ def test_serve_with_unreadable_ehr_keys_fails_at_start_with_one_line(engine, mon
     (line,) = done.stderr.strip().splitlines()[-1:]
     assert line.startswith("bonewatch: [cds_hooks.issuers") and "missing.json cannot be read" in line
     assert "Traceback" not in done.stderr
+
+
+def test_a_silenced_alert_is_an_info_card_saying_until_when_by_whom_and_why(server, keys):
+    base, _, env = server
+    cli = [sys.executable, "-m", "bonewatch.cli"]
+    made = subprocess.run([*cli, "silence", "--patient", BAND, "--rule", "DOSE_BAND", "--for", "2d",
+                           "--reason", "infusion cancelled", "--by", "R. Nurse"],
+                          env=env, capture_output=True, text=True, check=True)
+    silence_id = made.stdout.split()[1].rstrip(":")
+    try:
+        body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view(BAND)))
+        (card,) = body["cards"]
+        assert card["source"]["topic"]["code"] == "DOSE_BAND"
+        assert card["indicator"] == "info"
+        assert "silenced until" in card["summary"] and "R. Nurse" in card["summary"]
+        assert "infusion cancelled" in card["detail"]
+    finally:
+        subprocess.run([*cli, "unsilence", silence_id, "--by", "R. Nurse"], env=env, check=True,
+                       capture_output=True)
+    # ended: the card is the dose band's warning again
+    body = valid(call(base, keys[0], "bonewatch-patient-view", patient_view(BAND)))
+    assert [c["indicator"] for c in body["cards"]] != ["info"]

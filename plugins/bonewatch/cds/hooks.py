@@ -33,7 +33,7 @@ from bonewatch.model import Finding
 from bonewatch.rules.derive import prepare
 from bonewatch.rules.monitoring import check_dental_exam, check_pre_dose_scr
 from bonewatch.rules.renal import check_albuminuria, check_dose_band, check_renal
-from bonewatch.store import reads
+from bonewatch.store import reads, silences
 from bonewatch.store.alerts import LISTED
 from bonewatch.store.tables import alerts as alerts_table
 
@@ -69,9 +69,8 @@ def discovery() -> dict:
 
 
 def _silences_for(conn, patient_id: str, now: datetime) -> dict[str, dict]:
-    """The patient's silenced alerts: alert id -> {until, reason, by}. The silences live on another
-    branch (issue 17, second half); until it is merged, none."""
-    return {}
+    """The patient's silenced alerts at `now` (naive UTC): alert id -> {until, reason, by, silence_id}."""
+    return silences.active_for_patient(conn, patient_id, now)
 
 
 def local_day(now: datetime, settings: Settings) -> date:
