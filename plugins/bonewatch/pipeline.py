@@ -772,6 +772,18 @@ def finish_evaluation(settings: Settings, as_of: date, *,
     return summary
 
 
+def _evaluated_nobody(engine: Engine, as_of: date, partition: tuple[int, int] | None) -> EvaluateSummary:
+    """`_evaluate` when no patient is dirty or due: only the open alerts are seen tonight (by
+    construction), and the summary is that of an evaluation of nobody."""
+    from bonewatch.store import alerts
+
+    with engine.begin() as conn:
+        alerts.see_unchanged(conn, as_of, partition=partition)
+    label = f"{partition[0]}/{partition[1]}" if partition else ""
+    log.info("evaluated %s%s: no patient dirty or due", as_of, f" partition {label}" if label else "")
+    return EvaluateSummary(as_of.isoformat(), 0, 0, 0, 0, {}, {"read": 0.0, "rules": 0.0, "write": 0.0}, label)
+
+
 def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
               batch_patients: int, partition: tuple[int, int] | None = None) -> EvaluateSummary:
     from bonewatch import incremental
@@ -838,18 +850,6 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
              len(todo), found, new, resolved, seconds["read"], seconds["rules"], seconds["write"])
     return EvaluateSummary(as_of.isoformat(), len(todo), found, new, resolved, dict(sorted(by_rule.items())),
                            {part: round(value, 3) for part, value in seconds.items()}, label)
-
-
-def _evaluated_nobody(engine: Engine, as_of: date, partition: tuple[int, int] | None) -> EvaluateSummary:
-    """`_evaluate` when no patient is dirty or due: only the open alerts are seen tonight (by
-    construction), and the summary is that of an evaluation of nobody."""
-    from bonewatch.store import alerts
-
-    with engine.begin() as conn:
-        alerts.see_unchanged(conn, as_of, partition=partition)
-    label = f"{partition[0]}/{partition[1]}" if partition else ""
-    log.info("evaluated %s%s: no patient dirty or due", as_of, f" partition {label}" if label else "")
-    return EvaluateSummary(as_of.isoformat(), 0, 0, 0, 0, {}, {"read": 0.0, "rules": 0.0, "write": 0.0}, label)
 
 
 def notify(settings: Settings, night: date, *, retry_now: bool = False) -> NotifySummary:
