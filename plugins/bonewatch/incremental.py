@@ -23,11 +23,13 @@ import hashlib
 import json
 from datetime import date
 from importlib.resources import files
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bonewatch.config import Settings
+
+if TYPE_CHECKING:   # imported where a history is read: a rerun's digest and index query need neither
+    import numpy as np
+    import pandas as pd
 
 # Rules whose dates the calendar below spells out; any other rule's thresholds count generically.
 KNOWN_RULES = {
@@ -45,7 +47,7 @@ def rules_digest(settings: Settings) -> str:
     """A short digest of everything that decides findings besides the data: the rule modules'
     source and the rule, clinical and time-zone configuration. A change re-evaluates everyone."""
     digest = hashlib.sha256()
-    package = files("bonewatch.rules")
+    package = files("bonewatch") / "rules"     # not files("bonewatch.rules"): that imports the rules
     for entry in sorted(package.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".py"):
             digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
@@ -110,6 +112,8 @@ def clocks(settings: Settings) -> dict[str, Clock]:
 
 def add_months(days: np.ndarray, months: int) -> np.ndarray:
     """datetime64[D] + calendar months, clamped at month end (31 Aug + 6 months -> end of Feb)."""
+    import numpy as np
+
     month = days.astype("datetime64[M]")
     day_of_month = (days - month.astype("datetime64[D]")).astype("int64")
     target = month + np.timedelta64(months, "M")
@@ -119,6 +123,9 @@ def add_months(days: np.ndarray, months: int) -> np.ndarray:
 
 def _anchors(labs: pd.DataFrame, events: pd.DataFrame, night: np.datetime64, gap_days: int) -> dict[str, pd.DataFrame]:
     """The anchor dates of each clock, up to the night: (patient_id, day) frames."""
+    import numpy as np
+    import pandas as pd
+
     ev = events[events["day"] <= night]
     doses = ev[ev["event_type"] == "bisphosphonate_dose"].sort_values(["patient_id", "day"], kind="stable")
     gap = np.timedelta64(gap_days, "D")
@@ -154,6 +161,9 @@ def next_due(labs: pd.DataFrame, events: pd.DataFrame, as_of: date, settings: Se
     without new data being loaded (NaT: none). `labs` and `events` hold the patients' whole
     history, later data included (a backfill may hold data beyond the night evaluated): such data
     becomes visible on its own day, which is a due night too."""
+    import numpy as np
+    import pandas as pd
+
     night = np.datetime64(as_of, "D")
     lab = pd.DataFrame({"patient_id": labs["patient_id"].to_numpy(dtype=object),
                         "analyte": labs["analyte"].to_numpy(dtype=object),

@@ -550,13 +550,14 @@ def _ingest_new(engine: Engine, settings: Settings, path: Path, fmt: str, delive
 
     The ledger check and the load hold one lock per delivery: a second ingest of the same bytes
     at the same time (two processes, a retry beside a slow first try) waits for the first, then
-    finds it loaded. Raises `Busy` after `[database] lock_wait_s`."""
-    from bonewatch.store import locks, writes
+    finds it loaded. Raises `Busy` after `[database] lock_wait_s`. The check imports no data
+    stack (`store.pending`): a rerun of files already loaded stops here."""
+    from bonewatch.store import locks, pending
 
     with locks.hold(engine, f"delivery {delivery_id[:16]}", wait_s=settings.database.lock_wait_s,
                     holder=locks.describe(f"ingest {delivery_id[:8]}")):
         with engine.connect() as conn:
-            status = writes.delivery_status(conn, delivery_id)
+            status = pending.delivery_status(conn, delivery_id)
         if status == "loaded":
             return None
         return _ingest_file(engine, settings, path, fmt, delivery_id, partition)
@@ -587,7 +588,7 @@ def _fail(engine: Engine, summary: IngestSummary, path: Path, failure: SourceUnr
     format or name; None: the pseudo-feed "unreadable"). A delivery the ledger has as loaded stays
     loaded."""
     from bonewatch.ingest import sources
-    from bonewatch.store import writes
+    from bonewatch.store import pending, writes
 
     summary.failed_files += 1
     summary.errors.append(str(failure))
@@ -600,7 +601,7 @@ def _fail(engine: Engine, summary: IngestSummary, path: Path, failure: SourceUnr
     if delivery_id is None:
         return
     with engine.begin() as conn:
-        if writes.delivery_status(conn, delivery_id) != "loaded":
+        if pending.delivery_status(conn, delivery_id) != "loaded":
             writes.record_delivery(conn, _empty_ledger_row(
                 {"feed": feed or sources.UNREADABLE_FEED, "file_name": path.name, "fmt": path.suffix.lstrip(".")[:16] or "?",
                  "partition": partition, "received_at": _now()}, delivery_id, "failed", str(failure)[:1000]))
@@ -776,14 +777,34 @@ def finish_evaluation(settings: Settings, as_of: date, *,
     return summary
 
 
+def _evaluated_nobody(engine: Engine, as_of: date, partition: tuple[int, int] | None) -> EvaluateSummary:
+    """`_evaluate` when no patient is dirty or due: only the open alerts are seen tonight (by
+    construction), and the summary is that of an evaluation of nobody."""
+    from bonewatch.store import alerts
+
+    with engine.begin() as conn:
+        alerts.see_unchanged(conn, as_of, partition=partition)
+    label = f"{partition[0]}/{partition[1]}" if partition else ""
+    log.info("evaluated %s%s: no patient dirty or due", as_of, f" partition {label}" if label else "")
+    return EvaluateSummary(as_of.isoformat(), 0, 0, 0, 0, {}, {"read": 0.0, "rules": 0.0, "write": 0.0}, label)
+
+
 def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
               batch_patients: int, partition: tuple[int, int] | None = None) -> EvaluateSummary:
-    import pandas as pd
-
-    from bonewatch import incremental, rules
-    from bonewatch.store import alerts, courses, reads, writes
+    from bonewatch import incremental
+    from bonewatch.store import alerts, pending
 
     digest = incremental.rules_digest(settings)
+    if not full:
+        with engine.connect() as conn:
+            anyone = pending.anyone_to_evaluate(conn, as_of, digest, partition)
+        if not anyone:      # a rerun: found without importing the data stack or the rules
+            return _evaluated_nobody(engine, as_of, partition)
+    import pandas as pd
+
+    from bonewatch import rules
+    from bonewatch.store import courses, reads, writes
+
     with engine.connect() as conn:
         todo = reads.patients_to_evaluate(conn, as_of, digest, full=full, partition=partition)
     cut = pd.Timestamp(as_of)

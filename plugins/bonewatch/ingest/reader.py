@@ -16,13 +16,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pacsv
+from typing import TYPE_CHECKING
 
 from bonewatch.errors import SourceUnreadable
+
+if TYPE_CHECKING:   # imported where a file is read: the ledger check of a rerun needs none of them
+    import pandas as pd
+    import pyarrow as pa
 
 #: `[ingest] max_row_bytes` when no setting is at hand (1 MiB: a lab row is ~100 bytes, a FHIR
 #: resource a few kB; a longer "row" is a broken export, not data)
@@ -196,6 +196,10 @@ def _unreadable(path: Path, exc: pa.ArrowInvalid) -> SourceUnreadable:
 
 
 def _read(path: Path, stream: LongLines, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     invalid: list[tuple[int, str, str]] = []
 
     def on_invalid(row) -> str:
@@ -231,6 +235,10 @@ def _read(path: Path, stream: LongLines, columns: list[str], chunk_rows: int) ->
 
 def _stream(path: Path, reader, stream: LongLines, columns: list[str], chunk_rows: int,
             invalid: list[tuple[int, str, str]]) -> Iterator[Chunk]:
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
     skipped: list[int] = []
     position = 0
     pending: list[pd.DataFrame] = []

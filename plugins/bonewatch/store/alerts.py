@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 from datetime import date, datetime
 
-import pandas as pd
 from sqlalchemy import Connection, bindparam, select, update
 
 from bonewatch.model import Finding, partition_of
 from bonewatch.store import audit
 from bonewatch.store.tables import alerts
-from bonewatch.store.writes import _insert
 
 
 def sync_findings(conn: Connection, findings: list[Finding], as_of: date,
@@ -25,6 +23,10 @@ def sync_findings(conn: Connection, findings: list[Finding], as_of: date,
 
     `patients`: the patients evaluated (incremental evaluation, a batch of it); only their alerts
     can clear. None: every patient was evaluated. See `see_unchanged` for everyone else's."""
+    import pandas as pd  # here, not above: a rerun's `see_unchanged` needs no data stack
+
+    from bonewatch.store.writes import _insert
+
     c = alerts.c
     query = select(c.alert_id, c.patient_id, c.status, c.raised_on, c.last_seen_on, c.resolved_on)
     if patients is not None and len(patients) <= 10_000:   # a batch: read only its alerts
@@ -133,6 +135,7 @@ def list_alerts(conn: Connection, statuses: list[str] | None = None, alert_id: s
 
 
 def latest_night(conn: Connection) -> date | None:
+    import pandas as pd
     from sqlalchemy import func
 
     value = conn.execute(select(func.max(alerts.c.last_seen_on))).scalar()

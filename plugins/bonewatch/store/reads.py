@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 from sqlalchemy import Connection, select
 
 from bonewatch.model import TIMELESS_EVENTS, partition_of
+from bonewatch.store.pending import to_evaluate
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
 
 RULE_ANALYTES = ["creatinine", "alp", "bsap_activity", "bsap_mass", "calcium", "albumin", "ggt", "weight",
@@ -165,8 +166,7 @@ def patients_to_evaluate(conn: Connection, as_of: date, digest: str, *, full: bo
     p = patient_index.c
     query = select(p.patient_id, p.dirty_seq)
     if not full:
-        query = query.where((p.dirty_from <= as_of) | (p.next_due_on <= as_of) | (p.evaluated_on > as_of)
-                            | p.evaluated_with.is_(None) | (p.evaluated_with != digest))
+        query = query.where(to_evaluate(as_of, digest))
     rows = conn.execute(query.order_by(p.patient_id)).all()
     if partition is not None and partition[1] > 1:
         # in Python: SQLite has no SHA-256, and the hash must be the same on both stores

@@ -375,10 +375,6 @@ def save_watermark(conn: Connection, row: dict) -> None:
     conn.execute(stmt, row)
 
 
-def delivery_status(conn: Connection, delivery_id: str) -> str | None:
-    return conn.execute(select(deliveries.c.status).where(deliveries.c.delivery_id == delivery_id)).scalar()
-
-
 def delivered_on_night(conn: Connection, feed: str, partition: str) -> bool:
     """Whether the ledger holds any delivery of this feed for this night."""
     return conn.execute(select(deliveries.c.delivery_id).where(
