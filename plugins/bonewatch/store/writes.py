@@ -15,7 +15,10 @@ next evaluation re-reads only them.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,6 +40,7 @@ from bonewatch.store.tables import (
 )
 
 _BATCH = 20000
+_STAGE = "bw_stage"        # SQLite: the in-memory schema a chunk is staged in (`_stage_sqlite`)
 _COPY_PIECE = 8 << 20      # bytes handed to COPY at a time
 
 
@@ -143,10 +147,50 @@ def _copy_into_temp(conn: Connection, data: pa.Table, table: Table) -> str:
     return temp
 
 
+def _stage_sqlite(conn: Connection, data: pa.Table, table: Table) -> str:
+    """Put an Arrow table where SQLite's own connection can select it; return the select list and
+    FROM clause of its rows in their order (`<columns> FROM bw_stage.rows WHERE true ORDER BY rowid`;
+    WHERE true: SQLite's grammar needs one before an upsert's ON CONFLICT).
+
+    The ADBC SQLite driver binds the Arrow columns in C into a scratch database file of its own (it
+    cannot write into the store: the file's transaction holds the store's write lock until the end
+    of the delivery); that file's image is then loaded into an in-memory schema of the store's
+    connection (`sqlite3.Connection.deserialize`, allowed inside a transaction, unlike DETACH),
+    so every INSERT ... SELECT stays in the delivery's one transaction and a crash leaves nothing:
+    the scratch file is removed at once, the in-memory schema dies with the connection.
+
+    ADBC writes timestamps as ISO 8601 with a 'T'; SQLAlchemy's SQLite format has a space there
+    (dates are the same 'YYYY-MM-DD' in both)."""
+    import adbc_driver_sqlite.dbapi as adbc_sqlite
+
+    raw = conn.connection.driver_connection
+    if not any(row[1] == _STAGE for row in raw.execute("PRAGMA database_list")):
+        raw.execute(f"ATTACH DATABASE ':memory:' AS {_STAGE}")
+    handle, scratch = tempfile.mkstemp(prefix="bonewatch-stage-", suffix=".db")
+    os.close(handle)
+    try:
+        os.unlink(scratch)        # the driver creates it; mkstemp only reserved a unique name
+        # autocommit: the pragmas must precede any transaction; the ingest is one transaction anyway
+        with adbc_sqlite.connect(scratch, autocommit=True) as stage, stage.cursor() as cur:
+            for pragma in ("journal_mode = OFF", "synchronous = OFF"):   # a scratch file: no crash safety
+                cur.execute(f"PRAGMA {pragma}")
+                cur.fetchall()
+            cur.adbc_ingest("rows", data, mode="create")
+        image = Path(scratch).read_bytes()
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    raw.deserialize(image, name=_STAGE)
+    del image
+    select_list = ", ".join(f"substr({name}, 1, 10) || ' ' || substr({name}, 12)"
+                            if isinstance(table.c[name].type, DateTime) else name
+                            for name in data.column_names)
+    return f"{select_list} FROM {_STAGE}.rows WHERE true ORDER BY rowid"
+
+
 def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[str],
                  update: list[str] | None, where: str | None = None) -> None:
     """INSERT every row; on a key conflict update `update` columns (when `where` holds), or do
-    nothing when `update` is None. One statement per chunk on PostgreSQL, one executemany on SQLite."""
+    nothing when `update` is None. One INSERT ... SELECT per chunk from a staged copy of it."""
     columns = [c.name for c in table.columns if c.name in frame.columns]
     data = _arrow_table(frame, table, columns)
     names = ", ".join(columns)
@@ -158,11 +202,8 @@ def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[
         # WHERE true: SQLite's grammar needs it after SELECT in an upsert; harmless here too.
         conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {temp} WHERE true {conflict}")
         return
-    marks = ", ".join("?" for _ in columns)
-    sql = f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}"
-    # Python objects for a slice at a time: a whole chunk's would be ~1.5 KB a row of RSS
-    for start in range(0, len(data), _BATCH):
-        conn.connection.driver_connection.executemany(sql, _sqlite_rows(data.slice(start, _BATCH), table))
+    staged = _stage_sqlite(conn, data, table)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {staged} {conflict}")
 
 
 def prepare_bulk(conn: Connection) -> None:
