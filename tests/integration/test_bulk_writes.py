@@ -4,6 +4,8 @@ outlives its statement: not in the next chunk, not after a rollback, not as a sc
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import date, datetime
 
 import pandas as pd
@@ -86,3 +88,21 @@ def test_a_staged_chunk_never_outlives_its_statement(engine, tmp_path, monkeypat
     assert stored == {"a1": "final", "a2": "final", "a3": "final", "b1": "final", "d1": "corrected"}
     assert marked == 2                                             # MRN-0 and MRN-1
     assert list(scratch.iterdir()) == []
+
+
+def test_a_load_sweeps_the_scratch_files_of_killed_loads(engine, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    killed, running, other = (scratch / "bonewatch-stage-dead.db", scratch / "bonewatch-stage-live.db",
+                              scratch / "someone-elses.db")
+    for path in (killed, running, other):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 2 * 3600
+    for path in (killed, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with engine.begin() as conn:
+        writes.prepare_bulk(conn)
+        writes.upsert_results(conn, lab_rows(["r1"]))
+    assert sorted(p.name for p in scratch.iterdir()) == [
+        "bonewatch-stage-live.db", "someone-elses.db"]

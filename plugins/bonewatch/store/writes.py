@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from bonewatch.store.tables import (
 
 _BATCH = 20000
 _STAGE = "bw_stage"        # SQLite: the in-memory schema a chunk is staged in (`_stage_sqlite`)
+_SCRATCH_PREFIX = "bonewatch-stage-"   # ... through a scratch file of this name in the temp folder
+_SCRATCH_STALE = 3600                  # seconds: a scratch file this old belongs to no running load
 _COPY_PIECE = 8 << 20      # bytes handed to COPY at a time
 
 
@@ -156,8 +159,9 @@ def _stage_sqlite(conn: Connection, data: pa.Table, table: Table) -> str:
     cannot write into the store: the file's transaction holds the store's write lock until the end
     of the delivery); that file's image is then loaded into an in-memory schema of the store's
     connection (`sqlite3.Connection.deserialize`, allowed inside a transaction, unlike DETACH),
-    so every INSERT ... SELECT stays in the delivery's one transaction and a crash leaves nothing:
-    the scratch file is removed at once, the in-memory schema dies with the connection.
+    so every INSERT ... SELECT stays in the delivery's one transaction and a failure leaves nothing
+    in the store. The scratch file is removed at once (a process killed in that second leaves one
+    chunk's, swept by a later load: `prepare_bulk`); the in-memory schema dies with the connection.
 
     ADBC writes timestamps as ISO 8601 with a 'T'; SQLAlchemy's SQLite format has a space there
     (dates are the same 'YYYY-MM-DD' in both)."""
@@ -166,11 +170,12 @@ def _stage_sqlite(conn: Connection, data: pa.Table, table: Table) -> str:
     raw = conn.connection.driver_connection
     if not any(row[1] == _STAGE for row in raw.execute("PRAGMA database_list")):
         raw.execute(f"ATTACH DATABASE ':memory:' AS {_STAGE}")
-    handle, scratch = tempfile.mkstemp(prefix="bonewatch-stage-", suffix=".db")
+    handle, scratch = tempfile.mkstemp(prefix=_SCRATCH_PREFIX, suffix=".db")
     os.close(handle)
     try:
-        os.unlink(scratch)        # the driver creates it; mkstemp only reserved a unique name
-        # autocommit: the pragmas must precede any transaction; the ingest is one transaction anyway
+        # the driver opens the empty file as an empty database, keeping mkstemp's mode 0600 (the
+        # rows carry patient ids). Autocommit: the pragmas must precede any transaction (the
+        # driver makes the ingest one transaction anyway).
         with adbc_sqlite.connect(scratch, autocommit=True) as stage, stage.cursor() as cur:
             for pragma in ("journal_mode = OFF", "synchronous = OFF"):   # a scratch file: no crash safety
                 cur.execute(f"PRAGMA {pragma}")
@@ -206,9 +211,22 @@ def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {staged} {conflict}")
 
 
+def _sweep_scratch() -> None:
+    """Remove the scratch files of loads killed while staging a chunk (their `finally` never ran).
+    Only hour-old ones: a running load's file lives for about a second."""
+    cutoff = time.time() - _SCRATCH_STALE
+    for path in Path(tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*.db"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:     # another load swept it first
+            continue
+
+
 def prepare_bulk(conn: Connection) -> None:
-    """Per-connection settings for a large load: a bigger SQLite page cache, 64 MiB (the patient index
-    is updated in random order; the default 2 MB cache thrashes). No-op on PostgreSQL."""
+    """Before a large load: sweep stale scratch files (`_stage_sqlite`); a bigger SQLite page cache,
+    64 MiB (the patient index is updated in random order; the default 2 MB cache thrashes)."""
+    _sweep_scratch()
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("PRAGMA cache_size = -65536")   # 64 MiB
 
