@@ -15,7 +15,9 @@ next evaluation re-reads only them.
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable
@@ -43,6 +45,7 @@ from bonewatch.store.tables import (
 _BATCH = 20000
 _STAGE = "bw_stage"        # SQLite: the in-memory schema a chunk is staged in (`_stage_sqlite`)
 _SCRATCH_PREFIX = "bonewatch-stage-"   # ... through a scratch file of this name in the temp folder
+_EMPTY_IMAGE: bytes | None = None      # an empty database's image, to free the stage after a chunk
 _SCRATCH_STALE = 3600                  # seconds: a scratch file this old belongs to no running load
 _COPY_PIECE = 8 << 20      # bytes handed to COPY at a time
 
@@ -181,15 +184,25 @@ def _stage_sqlite(conn: Connection, data: pa.Table, table: Table) -> str:
                 cur.execute(f"PRAGMA {pragma}")
                 cur.fetchall()
             cur.adbc_ingest("rows", data, mode="create")
-        image = Path(scratch).read_bytes()
+        with open(scratch, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as image:
+            raw.deserialize(image, name=_STAGE)     # SQLite's own copy; no Python bytes in between
     finally:
         Path(scratch).unlink(missing_ok=True)
-    raw.deserialize(image, name=_STAGE)
-    del image
     select_list = ", ".join(f"substr({name}, 1, 10) || ' ' || substr({name}, 12)"
                             if isinstance(table.c[name].type, DateTime) else name
                             for name in data.column_names)
     return f"{select_list} FROM {_STAGE}.rows WHERE true ORDER BY rowid"
+
+
+def _unstage(conn: Connection) -> None:
+    """Free the staged chunk now rather than when the next one replaces it (peak memory)."""
+    global _EMPTY_IMAGE
+    if _EMPTY_IMAGE is None:
+        empty = sqlite3.connect(":memory:")
+        empty.execute("PRAGMA user_version = 1")   # one page: an image of nothing cannot be loaded
+        _EMPTY_IMAGE = empty.serialize()
+        empty.close()
+    conn.connection.driver_connection.deserialize(_EMPTY_IMAGE, name=_STAGE)
 
 
 def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[str],
@@ -209,6 +222,7 @@ def _bulk_upsert(conn: Connection, frame: pd.DataFrame, table: Table, key: list[
         return
     staged = _stage_sqlite(conn, data, table)
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {staged} {conflict}")
+    _unstage(conn)
 
 
 def _sweep_scratch() -> None:
