@@ -5,8 +5,10 @@ The hot tables (lab results, events) take a fast path per backend:
 - PostgreSQL: the chunk is rendered as CSV by pyarrow, `COPY`-ed through psycopg 3 into a temp
   table, then moved with one `INSERT ... SELECT ... ON CONFLICT` (the server does the upsert in
   one statement; the client never builds a Python object per value);
-- SQLite: one `executemany` over the whole chunk on the driver connection, with dates and times
-  pre-rendered in SQLAlchemy's own storage format, inside the caller's (large) transaction.
+- SQLite: the chunk bound from Arrow in C by the ADBC SQLite driver into a scratch file, loaded
+  into an in-memory schema of the store's connection, then the same set-based upsert inside the
+  caller's (large) transaction (`_stage_sqlite`; bench/README.md "Arrow writes" for why and how much).
+  The patient marks and evaluation records (one row a patient) still use `executemany`.
 
 Every write also marks the patients it touched in `patient_index` (see `PatientMarks`), so the
 next evaluation re-reads only them.
