@@ -1,11 +1,17 @@
 """Bulk reads of history for the rule engine, and the evaluation index.
 
 History is read per batch of patients (the rules need each patient's whole history, and nothing
-but it), through a temp table of the batch's ids joined on the patient index:
+but it), the batch's ids driving the patient index:
 
-- PostgreSQL: `COPY (SELECT ...) TO STDOUT` as CSV, parsed by pyarrow (no Python object per value);
-- SQLite: one query on the driver cursor; dates and times parsed vectorised from SQLAlchemy's
-  text format.
+- `History` (what evaluation uses): an ADBC connection of its own, no Python object built per
+  value. PostgreSQL (`adbc-driver-postgresql`): the ids ingested as an Arrow temp table, the
+  query read as `COPY ... (FORMAT binary)` straight into Arrow. SQLite (`adbc-driver-sqlite`):
+  the ids as one JSON parameter (`json_each`), rows to Arrow in C.
+- `load_patients(conn, ...)`: the same rows through a SQLAlchemy connection (so inside its
+  transaction), a temp table of ids: PostgreSQL `COPY ... TO STDOUT` as CSV parsed by pyarrow,
+  SQLite the driver cursor. Small reads and tests.
+
+Both parse SQLite's dates and times (SQLAlchemy's text format) vectorised in Arrow.
 
 Text columns come back as pandas' `str` dtype, instants as datetime64[ns], calendar days as
 datetime64[ns] at midnight.
@@ -14,6 +20,7 @@ datetime64[ns] at midnight.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from datetime import date
 
@@ -21,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from sqlalchemy import Connection, select
+from sqlalchemy import URL, Connection, Engine, select
 
 from bonewatch.model import TIMELESS_EVENTS, partition_of
 from bonewatch.store.tables import clinical_events, lab_results, patient_index
@@ -143,13 +150,110 @@ def _typed(table: pa.Table, columns: dict[str, str]) -> pd.DataFrame:
         elif kind == "float" and not pa.types.is_floating(array.type):
             array = array.cast(pa.float64())
         arrays[name] = array
-    frame = pa.table(arrays).to_pandas()
+    # one chunk a column: the ADBC drivers hand over ~1,000-row batches, and pandas' takes and
+    # sorts on many-chunked Arrow strings cost a quarter more
+    frame = pa.table(arrays).combine_chunks().to_pandas()
     for name, kind in columns.items():
         if kind in ("instant", "day"):
             frame[name] = frame[name].astype("datetime64[ns]")
         elif kind == "text":
             frame[name] = frame[name].fillna("").astype("str")
     return frame
+
+
+# --------------------------------------------------------------------------------------------
+# history through ADBC
+
+
+class History:
+    """Reads batches of patients' whole history through an ADBC connection of its own (autocommit:
+    each query sees what is committed when it starts, and holds no transaction open between
+    batches). `open_history(engine)` makes one; `load(ids)` is `load_patients` without a
+    SQLAlchemy connection.
+
+    Reading outside the evaluation's write transaction is safe for the same reason reading inside
+    it was (neither is a snapshot of the patient index): a load committed after the evaluation
+    took its list of patients and their `dirty_seq` moves that sequence on, so
+    `writes.record_evaluation` leaves the patient dirty and the next evaluation reads it again."""
+
+    def __init__(self, engine: Engine):
+        url = engine.url
+        self.dialect = url.get_backend_name()
+        if self.dialect == "postgresql":
+            import adbc_driver_postgresql.dbapi as adbc
+
+            self._conn = adbc.connect(libpq_uri(url), autocommit=True)
+            with self._conn.cursor() as cur:
+                # the nested loop's large cost estimate would switch JIT compilation on (~0.1 s a batch)
+                cur.execute("SET jit = off")
+        else:
+            import adbc_driver_sqlite.dbapi as adbc
+
+            self._conn = None if _in_memory(url.database) else adbc.connect(url.database, autocommit=True)
+        self._engine = engine
+        analytes = ", ".join(f"'{a}'" for a in RULE_ANALYTES)   # constants, not user input
+        self._sql = {"labs": self._select(lab_results.name, LAB_COLUMNS, f"t.analyte IN ({analytes})"),
+                     "events": self._select(clinical_events.name, EVENT_COLUMNS, "true")}
+
+    def _select(self, table: str, columns: dict[str, str], where: str) -> str:
+        """The batch drives the patient index, one probe a patient (see `_query`)."""
+        names = ", ".join(f"t.{c}" for c in columns)
+        if self.dialect == "postgresql":
+            # a query without parameters: the driver reads it as COPY ... (FORMAT binary)
+            return (f"SELECT {names} FROM {_BATCH_TABLE} AS b CROSS JOIN LATERAL "
+                    f"(SELECT * FROM {table} AS t WHERE t.patient_id = b.patient_id AND {where} OFFSET 0) AS t")
+        return f"SELECT {names} FROM json_each(?) AS b CROSS JOIN {table} AS t WHERE t.patient_id = b.value AND {where}"
+
+    def load(self, patient_ids: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The whole history (every date) of these patients, as `load_patients` returns it."""
+        if self._conn is None:   # an in-memory SQLite store has no second connection
+            with self._engine.connect() as conn:
+                return load_patients(conn, patient_ids)
+        ids = [str(p) for p in dict.fromkeys(patient_ids)]
+        if self.dialect == "postgresql":
+            # the ids as a temp table (Arrow in, COPY): ~20 % faster than the same query with the
+            # ids as a parameter, which the driver cannot read through COPY
+            with self._conn.cursor() as cur:
+                cur.adbc_ingest(_BATCH_TABLE, pa.table({"patient_id": pa.array(ids, type=pa.string())}),
+                                mode="replace", temporary=True)
+            parameters = None
+        else:
+            parameters = (json.dumps(ids),)
+        return (self._fetch(self._sql["labs"], parameters, LAB_COLUMNS),
+                self._fetch(self._sql["events"], parameters, EVENT_COLUMNS))
+
+    def _fetch(self, sql: str, parameters: tuple | None, columns: dict[str, str]) -> pd.DataFrame:
+        with self._conn.cursor() as cur:
+            cur.execute(sql, parameters=parameters)
+            table = cur.fetch_arrow_table()
+        if table.num_rows == 0:   # SQLite's driver types the columns of an empty result as integers
+            table = pa.table({name: pa.array([], type=pa.string()) for name in columns})
+        return _typed(table, columns)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def libpq_uri(url: URL) -> str:
+    """The libpq URI of a SQLAlchemy PostgreSQL URL (`postgresql+psycopg://...`): the driver name
+    dropped; user, password (escaped again), host, port, database and query kept."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _in_memory(database: str | None) -> bool:
+    return not database or database == ":memory:" or database.startswith("file::memory:") or "mode=memory" in database
+
+
+def open_history(engine: Engine) -> History:
+    """A `History` reader on the engine's store (close it, or use it as a context manager)."""
+    return History(engine)
 
 
 # --------------------------------------------------------------------------------------------
