@@ -5,6 +5,8 @@ a load committed while an evaluation runs leaves its patient dirty."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import date, datetime
 
 import pandas as pd
@@ -106,6 +108,23 @@ def test_a_reader_sees_what_is_committed_after_it_opened(history_store):
             conn.execute(insert(lab_results), [_lab(ONLY_LABS, 9)])
         after, _ = history.load([ONLY_LABS])
     assert len(after) == len(before) + 1
+
+
+def test_another_process_sees_what_this_one_commits_after_a_read(history_store):
+    """A reader opened and closed in this process leaves the store's locks whole: another process
+    sees what this one commits next (a second copy of SQLite in the process, as
+    adbc-driver-sqlite links, released the first one's locks when it closed, and it did not)."""
+    with reads.open_history(history_store) as history:
+        before, _ = history.load([ONLY_LABS])
+    with history_store.begin() as conn:
+        conn.execute(insert(lab_results), [_lab(ONLY_LABS, 9)])
+    count = ("import sys; from sqlalchemy import text; from bonewatch.store import db; "
+             "conn = db.make_engine(sys.argv[1]).connect(); "
+             "print(conn.execute(text('SELECT count(*) FROM lab_results WHERE patient_id = :p'), {'p': sys.argv[2]}).scalar())")
+    url = history_store.url.render_as_string(hide_password=False)
+    done = subprocess.run([sys.executable, "-c", count, url, ONLY_LABS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == len(before) + 1
 
 
 def test_a_load_committed_during_an_evaluation_leaves_its_patient_dirty(history_store, settings, monkeypatch):

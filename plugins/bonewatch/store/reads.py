@@ -3,15 +3,15 @@
 History is read per batch of patients (the rules need each patient's whole history, and nothing
 but it), the batch's ids driving the patient index:
 
-- `History` (what evaluation uses): an ADBC connection of its own, no Python object built per
-  value. PostgreSQL (`adbc-driver-postgresql`): the ids ingested as an Arrow temp table, the
-  query read as `COPY ... (FORMAT binary)` straight into Arrow. SQLite (`adbc-driver-sqlite`):
-  the ids as one JSON parameter (`json_each`), rows to Arrow in C.
-- `load_patients(conn, ...)`: the same rows through a SQLAlchemy connection (so inside its
-  transaction), a temp table of ids: PostgreSQL `COPY ... TO STDOUT` as CSV parsed by pyarrow,
-  SQLite the driver cursor. Small reads and tests.
+- `History` (what evaluation uses). PostgreSQL: an ADBC connection of its own
+  (`adbc-driver-postgresql`), the ids ingested as an Arrow temp table, the query read as
+  `COPY ... (FORMAT binary)` straight into Arrow: no Python object per value. SQLite: as below
+  (why not `adbc-driver-sqlite`: see `History`).
+- `load_patients(conn, ...)`: through a SQLAlchemy connection (so inside its transaction), a
+  temp table of ids: PostgreSQL `COPY ... TO STDOUT` as CSV parsed by pyarrow; SQLite one query
+  on the driver cursor, its rows turned into Arrow 100,000 at a time.
 
-Both parse SQLite's dates and times (SQLAlchemy's text format) vectorised in Arrow.
+SQLite's dates and times (SQLAlchemy's text format) are parsed vectorised in Arrow.
 
 Text columns come back as pandas' `str` dtype, instants as datetime64[ns], calendar days as
 datetime64[ns] at midnight.
@@ -20,7 +20,6 @@ datetime64[ns] at midnight.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from datetime import date
 
@@ -162,73 +161,56 @@ def _typed(table: pa.Table, columns: dict[str, str]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# history through ADBC
+# history for an evaluation
 
 
 class History:
-    """Reads batches of patients' whole history through an ADBC connection of its own (autocommit:
-    each query sees what is committed when it starts, and holds no transaction open between
-    batches). `open_history(engine)` makes one; `load(ids)` is `load_patients` without a
-    SQLAlchemy connection.
+    """Reads batches of patients' whole history for an evaluation. `open_history(engine)` makes
+    one; `load(ids)` returns what `load_patients` returns.
 
-    Reading outside the evaluation's write transaction is safe for the same reason reading inside
-    it was (neither is a snapshot of the patient index): a load committed after the evaluation
-    took its list of patients and their `dirty_seq` moves that sequence on, so
-    `writes.record_evaluation` leaves the patient dirty and the next evaluation reads it again."""
+    PostgreSQL: an ADBC connection of its own (autocommit: each query sees what is committed when
+    it starts, and no transaction stays open between batches). Reading outside the evaluation's
+    write transaction is safe for the same reason reading inside it was (neither is a snapshot of
+    the patient index): a load committed after the evaluation took its list of patients and their
+    `dirty_seq` moves that sequence on, so `writes.record_evaluation` leaves the patient dirty and
+    the next evaluation reads it again.
+
+    SQLite: `load_patients` on a connection of the engine. Not `adbc-driver-sqlite`: it links its
+    own copy of SQLite, and two copies in one process break each other's POSIX locks (closing one
+    copy's file releases the other's locks: sqlite.org/howtocorrupt.html, 2.2); another process
+    then missed what this one had committed (`test_reads`)."""
 
     def __init__(self, engine: Engine):
-        url = engine.url
-        self.dialect = url.get_backend_name()
-        if self.dialect == "postgresql":
+        self._engine = engine
+        self._conn = None
+        if engine.url.get_backend_name() == "postgresql":
             import adbc_driver_postgresql.dbapi as adbc
 
-            self._conn = adbc.connect(libpq_uri(url), autocommit=True)
+            self._conn = adbc.connect(libpq_uri(engine.url), autocommit=True)
             with self._conn.cursor() as cur:
                 # the nested loop's large cost estimate would switch JIT compilation on (~0.1 s a batch)
                 cur.execute("SET jit = off")
-        else:
-            import adbc_driver_sqlite.dbapi as adbc
-
-            self._conn = None if _in_memory(url.database) else adbc.connect(url.database, autocommit=True)
-        self._engine = engine
-        analytes = ", ".join(f"'{a}'" for a in RULE_ANALYTES)   # constants, not user input
-        self._sql = {"labs": self._select(lab_results.name, LAB_COLUMNS, f"t.analyte IN ({analytes})"),
-                     "events": self._select(clinical_events.name, EVENT_COLUMNS, "true")}
-
-    def _select(self, table: str, columns: dict[str, str], where: str) -> str:
-        """The batch drives the patient index, one probe a patient (see `_query`)."""
-        names = ", ".join(f"t.{c}" for c in columns)
-        if self.dialect == "postgresql":
-            # a query without parameters: the driver reads it as COPY ... (FORMAT binary)
-            return (f"SELECT {names} FROM {_BATCH_TABLE} AS b CROSS JOIN LATERAL "
-                    f"(SELECT * FROM {table} AS t WHERE t.patient_id = b.patient_id AND {where} OFFSET 0) AS t")
-        return f"SELECT {names} FROM json_each(?) AS b CROSS JOIN {table} AS t WHERE t.patient_id = b.value AND {where}"
+            analytes = ", ".join(f"'{a}'" for a in RULE_ANALYTES)   # constants, not user input
+            self._sql = {"labs": _lateral(lab_results.name, LAB_COLUMNS, f"t.analyte IN ({analytes})"),
+                         "events": _lateral(clinical_events.name, EVENT_COLUMNS, "true")}
 
     def load(self, patient_ids: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The whole history (every date) of these patients, as `load_patients` returns it."""
-        if self._conn is None:   # an in-memory SQLite store has no second connection
+        if self._conn is None:
             with self._engine.connect() as conn:
                 return load_patients(conn, patient_ids)
         ids = [str(p) for p in dict.fromkeys(patient_ids)]
-        if self.dialect == "postgresql":
-            # the ids as a temp table (Arrow in, COPY): ~20 % faster than the same query with the
-            # ids as a parameter, which the driver cannot read through COPY
-            with self._conn.cursor() as cur:
-                cur.adbc_ingest(_BATCH_TABLE, pa.table({"patient_id": pa.array(ids, type=pa.string())}),
-                                mode="replace", temporary=True)
-            parameters = None
-        else:
-            parameters = (json.dumps(ids),)
-        return (self._fetch(self._sql["labs"], parameters, LAB_COLUMNS),
-                self._fetch(self._sql["events"], parameters, EVENT_COLUMNS))
-
-    def _fetch(self, sql: str, parameters: tuple | None, columns: dict[str, str]) -> pd.DataFrame:
+        # the ids as a temp table (Arrow in), then queries without parameters, which the driver
+        # reads as COPY ... (FORMAT binary): ~20 % faster than passing the ids as a parameter
         with self._conn.cursor() as cur:
-            cur.execute(sql, parameters=parameters)
-            table = cur.fetch_arrow_table()
-        if table.num_rows == 0:   # SQLite's driver types the columns of an empty result as integers
-            table = pa.table({name: pa.array([], type=pa.string()) for name in columns})
-        return _typed(table, columns)
+            cur.adbc_ingest(_BATCH_TABLE, pa.table({"patient_id": pa.array(ids, type=pa.string())}),
+                            mode="replace", temporary=True)
+        return self._fetch(self._sql["labs"], LAB_COLUMNS), self._fetch(self._sql["events"], EVENT_COLUMNS)
+
+    def _fetch(self, sql: str, columns: dict[str, str]) -> pd.DataFrame:
+        with self._conn.cursor() as cur:
+            cur.execute(sql)
+            return _typed(cur.fetch_arrow_table(), columns)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -241,14 +223,17 @@ class History:
         self.close()
 
 
+def _lateral(table: str, columns: dict[str, str], where: str) -> str:
+    """The batch drives the patient index, one probe a patient (see `_query`)."""
+    names = ", ".join(f"t.{c}" for c in columns)
+    return (f"SELECT {names} FROM {_BATCH_TABLE} AS b CROSS JOIN LATERAL "
+            f"(SELECT * FROM {table} AS t WHERE t.patient_id = b.patient_id AND {where} OFFSET 0) AS t")
+
+
 def libpq_uri(url: URL) -> str:
     """The libpq URI of a SQLAlchemy PostgreSQL URL (`postgresql+psycopg://...`): the driver name
     dropped; user, password (escaped again), host, port, database and query kept."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _in_memory(database: str | None) -> bool:
-    return not database or database == ":memory:" or database.startswith("file::memory:") or "mode=memory" in database
 
 
 def open_history(engine: Engine) -> History:
