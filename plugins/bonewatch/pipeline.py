@@ -794,7 +794,8 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
 
     # One transaction a batch: its alerts, its course states and its index rows land together, so
     # an interrupted evaluation leaves the rest of the patients marked and a rerun completes it.
-    # History is read on an ADBC connection of its own (`reads.History`: why that is consistent).
+    # History is read on a connection of its own (`reads.History`: ADBC on PostgreSQL; why that is
+    # consistent with the writes of the batch in their own transaction).
     with reads.open_history(engine) as history:
         for start in range(0, len(todo), batch_patients):
             batch = todo.iloc[start:start + batch_patients].copy()
