@@ -820,12 +820,14 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
 
     # One transaction a batch: its alerts, its course states and its index rows land together, so
     # an interrupted evaluation leaves the rest of the patients marked and a rerun completes it.
-    for start in range(0, len(todo), batch_patients):
-        batch = todo.iloc[start:start + batch_patients].copy()
-        ids = batch["patient_id"].tolist()
-        with engine.begin() as conn:
+    # History is read on a connection of its own (`reads.History`: ADBC on PostgreSQL; why that is
+    # consistent with the writes of the batch in their own transaction).
+    with reads.open_history(engine) as history:
+        for start in range(0, len(todo), batch_patients):
+            batch = todo.iloc[start:start + batch_patients].copy()
+            ids = batch["patient_id"].tolist()
             started = clock()
-            labs, events = reads.load_patients(conn, ids)
+            labs, events = history.load(ids)
             started = lap("read", started)
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
@@ -836,14 +838,15 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
             del labs, events
             started = lap("rules", started)
-            added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
-            courses.save_course_states(conn, course_states, as_of, patients=set(ids))
-            writes.record_evaluation(conn, batch, as_of, digest)
-        lap("write", started)   # the commit included
-        faults.point("evaluate.batch")
-        found, new, resolved = found + len(findings), new + added, resolved + cleared
-        for f in findings:
-            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+            with engine.begin() as conn:
+                added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
+                courses.save_course_states(conn, course_states, as_of, patients=set(ids))
+                writes.record_evaluation(conn, batch, as_of, digest)
+            lap("write", started)   # the commit included
+            faults.point("evaluate.batch")
+            found, new, resolved = found + len(findings), new + added, resolved + cleared
+            for f in findings:
+                by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
     # The open alerts of the patients not evaluated are found again tonight by construction. A
     # partition sees its own patients' (so that a run evaluating several nights keeps each night's
     # order); the finishing step, everyone's (nothing left after every partition).
