@@ -777,6 +777,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
 
     from bonewatch import incremental, rules
     from bonewatch.store import alerts, courses, reads, writes
+    from bonewatch.store import state as patient_state
 
     digest = incremental.rules_digest(settings)
     with engine.connect() as conn:
@@ -799,7 +800,8 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
         ids = batch["patient_id"].tolist()
         with engine.begin() as conn:
             started = clock()
-            labs, events = reads.load_patients(conn, ids)
+            # the carried history plus what changed since (store/state.py), or the whole history
+            labs, events = patient_state.load(conn, ids, digest, full=full)
             started = lap("read", started)
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
@@ -808,8 +810,9 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             due = incremental.next_due(labs, events, as_of, settings)
             # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
-            del labs, events
             started = lap("rules", started)
+            patient_state.save(conn, labs, events, ids, digest, as_of)
+            del labs, events
             added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
             courses.save_course_states(conn, course_states, as_of, patients=set(ids))
             writes.record_evaluation(conn, batch, as_of, digest)
