@@ -801,7 +801,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
         with engine.begin() as conn:
             started = clock()
             # the carried history plus what changed since (store/state.py), or the whole history
-            labs, events = patient_state.load(conn, ids, digest, full=full)
+            labs, events, changed = patient_state.load(conn, ids, digest, full=full)
             started = lap("read", started)
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
@@ -811,7 +811,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
             started = lap("rules", started)
-            patient_state.save(conn, labs, events, ids, digest, as_of)
+            patient_state.save(conn, labs, events, changed, digest, as_of)
             del labs, events
             added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
             courses.save_course_states(conn, course_states, as_of, patients=set(ids))

@@ -34,7 +34,7 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
 def _both(engine, settings, ids=("S1", "S2"), *, full=False) -> tuple[pd.DataFrame, ...]:
     digest = incremental.rules_digest(settings)
     with engine.begin() as conn:
-        carried = patient_state.load(conn, list(ids), digest, full=full)
+        *carried, _ = patient_state.load(conn, list(ids), digest, full=full)
         whole = reads.load_patients(conn, list(ids))
     return tuple(_sorted(f) for f in (*carried, *whole))
 

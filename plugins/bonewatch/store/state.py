@@ -1,15 +1,16 @@
 """Carried history: a night reads what changed, not every patient's whole history (issue 16).
 
 After each evaluation, the history the rules were given for each patient (the rule analytes'
-results and every event, all dates) is kept in `patient_state`, one Arrow IPC stream per table per
-patient. Every load marks the patients it touches with the earliest day of its rows
+results and every event, all dates) is kept in `patient_state`, one Arrow IPC record batch per table
+per patient. Every load marks the patients it touches with the earliest day of its rows
 (`patient_index.dirty_from`, cleared by the evaluation only if no load marked the patient
 meanwhile). So the store's rows of a patient dated before its `dirty_from` are exactly the carried
 rows dated before it, and a night reads
 
     carried rows dated before dirty_from  +  the store's rows dated on or after it
 
-one state row a patient and, on an ordinary night, only the night's new rows. A late result or a
+one state row a patient and, on an ordinary night, only the night's new rows. A patient woken by a
+due date with nothing loaded since keeps its state as it is. A late result or a
 correction only moves `dirty_from` back to its day: the window read grows, the carried rows stay
 good. (A correction that moves a result to another day replaces the carried copy by result id.)
 The whole history is read when the carried state cannot be trusted: no state yet, a state written
@@ -24,7 +25,6 @@ built this way equal to full evaluations and to replays from scratch.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections.abc import Sequence
 from datetime import date
@@ -32,6 +32,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import Connection, bindparam, select
 
 from bonewatch.store import reads
@@ -57,7 +58,7 @@ LAB_SCHEMA = _schema(reads.LAB_COLUMNS)
 EVENT_SCHEMA = _schema(reads.EVENT_COLUMNS)
 #: what a state row must have been written with to be read back: the carried columns and analytes
 FORMAT = hashlib.sha256(repr((sorted(reads.LAB_COLUMNS.items()), sorted(reads.EVENT_COLUMNS.items()),
-                              sorted(reads.RULE_ANALYTES), 1)).encode()).hexdigest()[:8]
+                              sorted(reads.RULE_ANALYTES), 2)).encode()).hexdigest()[:8]
 
 
 def state_key(digest: str) -> str:
@@ -65,10 +66,11 @@ def state_key(digest: str) -> str:
 
 
 def load(conn: Connection, patient_ids: Sequence[str], digest: str, *,
-         full: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+         full: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The whole history of these patients, as `reads.load_patients` returns it, built from their
     carried state and the rows dated on or after their `dirty_from`; the patients without a usable
-    state (or all, `full`) read from the store."""
+    state (or all, `full`) read from the store. Also returns the patients whose state must be
+    written again (`save`): all but those carried with nothing loaded since."""
     ids = [str(p) for p in dict.fromkeys(patient_ids)]
     carried = {} if full else _carried(conn, ids, state_key(digest))
     whole = [p for p in ids if p not in carried]
@@ -82,9 +84,10 @@ def load(conn: Connection, patient_ids: Sequence[str], digest: str, *,
         parts_labs.append(labs)
         parts_events.append(events)
     log.debug("history of %d patients: %d carried, %d read whole", len(ids), len(carried), len(whole))
+    changed = [p for p in ids if p not in carried or not pd.isna(carried[p][2])]
     if len(parts_labs) == 1:
-        return parts_labs[0], parts_events[0]
-    return pd.concat(parts_labs, ignore_index=True), pd.concat(parts_events, ignore_index=True)
+        return parts_labs[0], parts_events[0], changed
+    return pd.concat(parts_labs, ignore_index=True), pd.concat(parts_events, ignore_index=True), changed
 
 
 def _carried(conn: Connection, ids: list[str], key: str) -> dict[str, tuple[bytes, bytes, pd.Timestamp]]:
@@ -104,14 +107,14 @@ def _carried(conn: Connection, ids: list[str], key: str) -> dict[str, tuple[byte
     return out
 
 
-def _read_stream(blob: bytes) -> pa.Table:
-    with pa.ipc.open_stream(blob) as reader:
-        return reader.read_all()
+def _batches(blobs: list[bytes], schema: pa.Schema) -> pa.Table:
+    """Each blob is one Arrow IPC record batch message of `schema` (the schema is not repeated)."""
+    return pa.Table.from_batches([pa.ipc.read_record_batch(pa.py_buffer(b), schema) for b in blobs], schema=schema)
 
 
 def _from_state(conn: Connection, carried: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    labs = _typed(pa.concat_tables([_read_stream(v[0]) for v in carried.values()]), reads.LAB_COLUMNS)
-    events = _typed(pa.concat_tables([_read_stream(v[1]) for v in carried.values()]), reads.EVENT_COLUMNS)
+    labs = _typed(_batches([v[0] for v in carried.values()], LAB_SCHEMA), reads.LAB_COLUMNS)
+    events = _typed(_batches([v[1] for v in carried.values()], EVENT_SCHEMA), reads.EVENT_COLUMNS)
     since = pd.Series({pid: v[2] for pid, v in carried.items()}, dtype="datetime64[ns]")
     dirty = since.dropna()
     if dirty.empty:
@@ -200,20 +203,14 @@ def save(conn: Connection, labs: pd.DataFrame, events: pd.DataFrame, patient_ids
 
 
 def _streams(frame: pd.DataFrame, columns: dict[str, str], schema: pa.Schema, ids: list[str]) -> dict[str, bytes]:
-    """patient -> an Arrow IPC stream of its rows (an empty one when it has none)."""
+    """patient -> its rows as one Arrow IPC record batch message (an empty batch when it has none)."""
     table = pa.Table.from_pandas(frame[list(columns)].reset_index(drop=True), schema=schema, preserve_index=False)
-    patient = frame["patient_id"].to_numpy(dtype=object)
-    order = np.argsort(patient, kind="stable")
-    table = table.take(pa.array(order))
-    ordered = patient[order]
-    keys, starts = np.unique(ordered, return_index=True)
-    ends = np.append(starts[1:], len(ordered)) if len(ordered) else starts
-    span = {str(k): (int(a), int(b)) for k, a, b in zip(keys, starts, ends, strict=True)}
-    out = {}
-    for pid in ids:
-        a, b = span.get(pid, (0, 0))
-        sink = io.BytesIO()
-        with pa.ipc.new_stream(sink, schema) as writer:
-            writer.write_table(table.slice(a, b - a))
-        out[pid] = sink.getvalue()
-    return out
+    table = table.sort_by("patient_id").combine_chunks()
+    batch = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
+    counts = pc.value_counts(table.column("patient_id")) if table.num_rows else None
+    span = {}
+    if counts is not None:
+        sizes = np.asarray(counts.field("counts"), dtype="int64")
+        span = dict(zip(counts.field("values").to_pylist(), zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist(),
+                                                                 strict=True), strict=True))
+    return {pid: batch.slice(*span.get(pid, (0, 0))).serialize().to_pybytes() for pid in ids}

@@ -338,7 +338,7 @@ delivery_codes = Table(
 )
 
 # 0009: nights that read what changed (issue 16). Each evaluated patient's history as the last
-# evaluation read it (the rule analytes' results and every event), one Arrow IPC stream a table, so
+# evaluation read it (the rule analytes' results and every event), one Arrow IPC record batch a table, so
 # a night reads one row a patient plus the rows collected since the patient's `dirty_from`.
 patient_state = Table(
     "patient_state",
@@ -346,7 +346,7 @@ patient_state = Table(
     Column("patient_id", String(64), primary_key=True),
     Column("state_with", String(32), nullable=False,
            comment="rules digest and state format it was written with; another one: whole history is read"),
-    Column("labs", LargeBinary, nullable=False, comment="Arrow IPC stream: the patient's results"),
-    Column("events", LargeBinary, nullable=False, comment="Arrow IPC stream: the patient's events"),
+    Column("labs", LargeBinary, nullable=False, comment="Arrow IPC record batch: the patient's results"),
+    Column("events", LargeBinary, nullable=False, comment="Arrow IPC record batch: the patient's events"),
     Column("as_of", Date, nullable=False, comment="the night of the evaluation that wrote it"),
 )
