@@ -127,7 +127,9 @@ def _from_state(conn: Connection, carried: dict) -> tuple[pd.DataFrame, pd.DataF
     fresh_labs, fresh_events = _window(conn, dirty)
     # a correction may have moved a result to a day inside the window: the store holds one row an id
     labs = labs[~labs["result_id"].isin(fresh_labs["result_id"])]
-    return (pd.concat([labs, fresh_labs], ignore_index=True), pd.concat([events, fresh_events], ignore_index=True))
+    # each patient's rows together again, as a store read returns them (the rules' sorts are cheaper)
+    return (pd.concat([labs, fresh_labs]).sort_values("patient_id", kind="stable", ignore_index=True),
+            pd.concat([events, fresh_events]).sort_values("patient_id", kind="stable", ignore_index=True))
 
 
 def _window(conn: Connection, since: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
