@@ -804,6 +804,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
 
     from bonewatch import rules
     from bonewatch.store import courses, reads, writes
+    from bonewatch.store import state as patient_state
 
     with engine.connect() as conn:
         todo = reads.patients_to_evaluate(conn, as_of, digest, full=full, partition=partition)
@@ -827,7 +828,9 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             batch = todo.iloc[start:start + batch_patients].copy()
             ids = batch["patient_id"].tolist()
             started = clock()
-            labs, events = history.load(ids)
+            # the carried history plus what changed since (store/state.py), or the whole history
+            with engine.connect() as conn:
+                labs, events, changed = patient_state.load(conn, ids, digest, full=full, whole=history.load)
             started = lap("read", started)
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
@@ -836,9 +839,10 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             due = incremental.next_due(labs, events, as_of, settings)
             # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
-            del labs, events
             started = lap("rules", started)
             with engine.begin() as conn:
+                patient_state.save(conn, labs, events, changed, digest, as_of)
+                del labs, events
                 added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
                 courses.save_course_states(conn, course_states, as_of, patients=set(ids))
                 writes.record_evaluation(conn, batch, as_of, digest)

@@ -1,21 +1,20 @@
 """silences: mute an alert (or a patient's alerts) for a stated time, with a reason (issue 17)
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 
 `silences`: one row per silence, never deleted. Its matcher is one alert (`alert_id`) or a
 patient (`patient_id`, optionally one `rule`); it holds from `starts_at` to `ends_at`, or until
 `ended_at` when unsilenced early. `released_at` records the notify run that queued its alerts
 again once it had ended, so an ended silence brings its alerts back exactly once.
 
-(Branch note: written beside 0009; the merge re-chains `down_revision` onto 0009.)
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

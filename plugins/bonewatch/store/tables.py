@@ -13,6 +13,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -334,6 +335,20 @@ delivery_codes = Table(
     Column("rows", Integer, nullable=False),
     Column("first_collected", Date, comment="earliest collection day among its rows, when one parsed"),
     Column("last_collected", Date),
+)
+
+# 0009: nights that read what changed (issue 16). Each evaluated patient's history as the last
+# evaluation read it (the rule analytes' results and every event), one Arrow IPC record batch a table, so
+# a night reads one row a patient plus the rows collected since the patient's `dirty_from`.
+patient_state = Table(
+    "patient_state",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("state_with", String(32), nullable=False,
+           comment="rules digest and state format it was written with; another one: whole history is read"),
+    Column("labs", LargeBinary, nullable=False, comment="Arrow IPC record batch: the patient's results"),
+    Column("events", LargeBinary, nullable=False, comment="Arrow IPC record batch: the patient's events"),
+    Column("as_of", Date, nullable=False, comment="the night of the evaluation that wrote it"),
 )
 
 # 0010: silences (issue 17). A nurse mutes an alert she handled outside bonewatch for a stated time,
