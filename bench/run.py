@@ -170,8 +170,13 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
                 elif step in ("night", "rerun"):
                     note = (f"ingest {r['ingest_s']:.1f}s + evaluate {r['evaluate_s']:.1f}s "
                             f"({r['patients']} patients re-evaluated)")
+                if parts := r.get("ingest_parts"):
+                    note += " [ingest: " + ", ".join(f"{part} {value:.1f}s" for part, value in parts.items()) + "]"
                 if (parts := r.get("evaluate_parts")) and r.get("patients"):
                     note += " [evaluate: " + ", ".join(f"{part} {value:.1f}s" for part, value in parts.items()) + "]"
+                if rss := r.get("rss_mib"):
+                    note += (f" [RSS MiB: ingest peak {rss['ingest_peak']:.0f}, after ingest {rss['after_ingest']:.0f},"
+                             f" evaluate peak {rss['evaluate_peak']:.0f}]")
                 rows.append((scale, kind, step, entry["rows"] if step != "night" else entry["night_rows"],
                              r.get("patients", ""), f"{r['seconds']:.2f}", f"{r['seconds'] / floor:.1f}",
                              f"{r['peak_rss_mib']:.0f}", note))

@@ -38,14 +38,22 @@ class IngestSummary:
     not_monitored: int = 0          # results skipped for their code (SPEC 2.5): not bad rows
     #: per file loaded: name, accepted, not_monitored, quarantined (what `bonewatch ingest` prints)
     per_file: list[dict] = field(default_factory=list)
+    #: wall time of the loads' parts (`Loaded.seconds`), summed over the files
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __add__(self, other: IngestSummary) -> IngestSummary:
-        return IngestSummary(*(getattr(self, f) + getattr(other, f) for f in
-                               ("files", "skipped_files", "failed_files", "accepted", "quarantined", "errors",
-                                "not_monitored", "per_file")))
+        added = IngestSummary(*(getattr(self, f) + getattr(other, f) for f in
+                                ("files", "skipped_files", "failed_files", "accepted", "quarantined", "errors",
+                                 "not_monitored", "per_file")))
+        added.seconds = _add_seconds(self.seconds, other.seconds)
+        return added
+
+
+def _add_seconds(one: dict[str, float], other: dict[str, float]) -> dict[str, float]:
+    return {part: round(one.get(part, 0.0) + other.get(part, 0.0), 3) for part in {**one, **other}}
 
 
 @dataclass
@@ -263,6 +271,10 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     codes: list[pd.DataFrame] = []
     work: queue.Queue = queue.Queue(maxsize=1)
     failures: list[BaseException] = []
+    # where the time goes (`Loaded.seconds`): this thread reads, parses, validates and waits for
+    # the writer; the writer thread writes, at the same time
+    seconds = dict.fromkeys(("read", "parse", "validate", "wait", "write"), 0.0)
+    clock = time.perf_counter
 
     def store() -> None:
         marks = writes.PatientMarks()   # patients touched, written once at the end of the delivery
@@ -271,6 +283,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                 writes.prepare_bulk(conn)
                 while True:
                     item = work.get()
+                    started = clock()
                     if item is None:
                         raise _Abort
                     if isinstance(item, dict):        # the ledger row: the delivery is complete
@@ -280,6 +293,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                             finish(conn)
                         faults.point("ingest.ledger")
                         writes.record_delivery(conn, item)
+                        seconds["write"] += clock() - started   # the commit not included
                         return
                     kind, rows, rejected = item
                     if kind == "labs":
@@ -289,6 +303,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                     else:
                         writes.upsert_patient_refs(conn, rows)
                     writes.insert_quarantine(conn, rejected)
+                    seconds["write"] += clock() - started
         except _Abort:
             pass
         except BaseException as exc:  # handed to the reading side, re-raised there
@@ -301,11 +316,13 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                         break
 
     def hand_over(item) -> None:
+        started = clock()
         while True:
             if failures:
                 raise failures[0]
             try:
                 work.put(item, timeout=0.1)
+                seconds["wait"] += clock() - started
                 return
             except queue.Full:
                 continue
@@ -313,9 +330,12 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
     writer = threading.Thread(target=store, name=f"store-{feed}", daemon=True)
     writer.start()
     try:
+        started = clock()
         for kind, chunk in items:
+            started = _lap(seconds, "read", started)
             total += len(chunk.frame) + len(chunk.bad_rows)
             rows, rejected, skipped = _parse_chunk(settings, kind, chunk, delivery_id, received_at)
+            started = _lap(seconds, "parse", started)
             if skipped is not None and len(skipped):
                 codes.append(skipped)
             if kind == "codes":
@@ -336,6 +356,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                         "reason": reasons[flagged].to_numpy(),
                         "raw": feeds.raw_text(chunk.frame.loc[rows.index[flagged]], columns).to_numpy()})])
                     rows = rows[~flagged]
+                started = _lap(seconds, "validate", started)
             if kind == "labs":
                 for (analyte, unit), n in rows.groupby(["analyte", "orig_unit"]).size().items():
                     units.setdefault(analyte, {})[unit] = units.get(analyte, {}).get(unit, 0) + int(n)
@@ -343,11 +364,13 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                 "delivery_id": delivery_id, "source_line": rejected["line"].astype("int64").to_numpy(),
                 "feed": feed, "file_name": file_name, "reason": rejected["reason"].to_numpy(),
                 "raw": rejected["raw"].to_numpy()})
+            started = _lap(seconds, "parse", started)
             hand_over((kind, rows, quarantine_rows))
             faults.point("ingest.chunk")
             if kind != "patients":
                 accepted += len(rows)
             quarantined += len(rejected)
+            started = clock()
         not_monitored = int(sum(int(c["rows"].sum()) for c in codes))
         hand_over({**ledger, "rows_total": total, "rows_accepted": accepted, "rows_quarantined": quarantined,
                    "rows_not_monitored": not_monitored,
@@ -358,10 +381,19 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
             work.put(None)             # roll back
         writer.join()
         raise
+    started = clock()
     writer.join()
+    seconds["wait"] += clock() - started
     if failures:
         raise failures[0]
-    return Loaded(accepted, quarantined, not_monitored, units, total)
+    return Loaded(accepted, quarantined, not_monitored, units, total,
+                  {part: round(value, 3) for part, value in seconds.items()})
+
+
+def _lap(seconds: dict[str, float], part: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[part] += now - since
+    return now
 
 
 @dataclass
@@ -373,6 +405,10 @@ class Loaded:
     not_monitored: int
     units: dict
     rows_total: int = 0     # everything read, patients' references included
+    #: wall time of the load's parts: read (the reader: decoding, CSV, HL7, FHIR), parse (the
+    #: canonical parser), validate (GX and the plausible ranges), wait (for the writer thread, its
+    #: last chunk and the ledger row included), write (the writer thread's bulk writes, alongside)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 #: what `bonewatch ingest` says of a file that gave nothing at all (SPEC 2: never a silent drop)
@@ -572,6 +608,7 @@ def _count(summary: IngestSummary, path: Path, loaded: Loaded | None) -> None:
     summary.accepted += loaded.accepted
     summary.quarantined += loaded.quarantined
     summary.not_monitored += loaded.not_monitored
+    summary.seconds = _add_seconds(summary.seconds, loaded.seconds)
     summary.per_file.append({"file": path.name, "accepted": loaded.accepted,
                              "not_monitored": loaded.not_monitored, "quarantined": loaded.quarantined,
                              **({"note": NOTHING_READ} if not loaded.rows_total else {})})

@@ -17,8 +17,9 @@ from bonewatch import pipeline, synth
 from bonewatch.store.tables import alerts, deliveries, patient_index
 from tests.integration.test_incremental import alert_state
 
-#: what a rerun must not import: the data stack, Great Expectations, the chart libraries
-HEAVY = ("pandas", "numpy", "pyarrow", "great_expectations", "matplotlib", "plotly")
+#: what a rerun must not import: the data stack, Great Expectations, the chart libraries, and
+#: Alembic (the store's revision check is one query: `store.db.HEAD`)
+HEAVY = ("pandas", "numpy", "pyarrow", "great_expectations", "matplotlib", "plotly", "alembic")
 #: `bonewatch ARGS...` in a fresh interpreter that prints, on exit, which of HEAVY it imported
 PROBE = f"""
 import atexit, json, sys
