@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from bonewatch import faults
+from bonewatch import faults, memory
 from bonewatch.config import Settings
 from bonewatch.errors import BonewatchError, Busy, SourceUnreadable
 from bonewatch.ingest.reader import file_digest
@@ -303,6 +303,8 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
                     else:
                         writes.upsert_patient_refs(conn, rows)
                     writes.insert_quarantine(conn, rejected)
+                    del kind, rows, rejected, item
+                    memory.release()     # the chunk's freed pages back to the system (bonewatch.memory)
                     seconds["write"] += clock() - started
         except _Abort:
             pass
@@ -888,6 +890,8 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             found, new, resolved = found + len(findings), new + added, resolved + cleared
             for f in findings:
                 by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+            del findings, course_states, due
+            memory.release()         # the batch's freed pages back to the system (bonewatch.memory)
     # The open alerts of the patients not evaluated are found again tonight by construction. A
     # partition sees its own patients' (so that a run evaluating several nights keeps each night's
     # order); the finishing step, everyone's (nothing left after every partition).
