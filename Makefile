@@ -47,7 +47,7 @@ faults: $(STAMP)
 
 bench: $(STAMP)
 	bash scripts/ensure-postgres
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --attribute
 
 # Re-pin every dependency (needs uv; run by a maintainer, not by the two commands), then derive
 # the runtime lock from it (scripts/split_lock.py: the closure of requirements.runtime.in).

@@ -1,7 +1,7 @@
 """`make bench`: the backfill, a night and a rerun on SQLite and PostgreSQL, against DuckDB.
 
     python -m bench.run [--scales 100k,1M,10M] [--stores sqlite,postgresql] [--chunk-size N]
-                        [--profile]
+                        [--profile | --attribute]
 
 For each scale (backfill lab rows; about 100 rows a patient) it generates the feeds once
 (bench/generate.py, fixed seed, reused from bench/out/), times the DuckDB reference on the same
@@ -9,7 +9,9 @@ lab CSV, then for each store: a backfill into a fresh store (ingest + validate +
 evaluate; its evaluation covers every patient, so it is also the scaling measurement). At the largest
 scale it also runs the night (the night's deliveries over the backfilled store, then the
 incremental evaluation) and a rerun of the same night (nothing new). Every step runs in its own
-process (bench/steps.py) which reports its wall time and peak RSS.
+process (bench/steps.py) which reports its wall time and peak RSS. `--attribute` samples every
+thread of every step every 10 ms (bench/attribution.py) and prints, after the table, where the
+backfill's, night's and rerun's time went by thread: store, parsing, validation, rules, imports.
 
 Writes bench/results.json, prints a table, and ends with one line:
 `bench: backfill R1x floor, night R2x floor, rerun R3x floor, peak RSS N MiB` (ratios to the
@@ -28,6 +30,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from bench import attribution
 from bench.generate import LAST_HISTORY_DAY, generate
 
 ROOT = Path(__file__).resolve().parent
@@ -85,11 +88,16 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=100_000,
                         help="[ingest] chunk_size for the bench (rows a chunk)")
     parser.add_argument("--profile", action="store_true", help="cProfile every step into bench/out/prof/")
+    parser.add_argument("--attribute", action="store_true",
+                        help="sample every thread every 10 ms and attribute each step's time to store, parsing, "
+                             "validation, rules, imports")
     parser.add_argument("--formats-scale", default="100k",
                         help="scale at which the labs are also ingested as HL7, a FHIR Bundle and NDJSON ('' = skip)")
     parser.add_argument("--small-files", type=int, default=300,
                         help="one-row files ingested into a fresh SQLite store: the cost a file (0 = skip)")
     options = parser.parse_args()
+    if options.profile and options.attribute:
+        parser.error("--profile and --attribute exclude each other (the sampler would see cProfile's cost)")
     scales = [s.strip() for s in options.scales.split(",") if s.strip()]
     stores = [s.strip() for s in options.stores.split(",") if s.strip()]
     data_dir = OUT / "data"
@@ -103,6 +111,8 @@ def main() -> None:
         args = {"url": store.url, "data_dir": str(data_dir), "chunk_size": options.chunk_size, **extra}
         if options.profile:
             args["profile"] = str(prof / f"{scale}-{store.kind}-{step}.prof")
+        if options.attribute:
+            args["attribute"] = True
         return args
 
     for scale in scales:
@@ -183,6 +193,11 @@ def print_table(results: dict, scales: list[str], stores: list[str]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for scale in scales:
+        for kind in stores:
+            for step, r in results["scales"][scale]["stores"].get(kind, {}).items():
+                if step in ("backfill", "night", "rerun") and r.get("attribution"):
+                    print(f"attribution {scale} {kind} {step}, {attribution.summary(r['attribution'])}")
     for scale in scales:
         for fmt, r in results["scales"][scale].get("formats", {}).items():
             total = r["accepted"] + r["quarantined"]

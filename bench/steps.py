@@ -5,6 +5,11 @@
 prints one JSON line: {"step", "seconds", "peak_rss_mib", ...step details}. `seconds` is the wall
 time of the step's work, lazy imports it triggers included (GX is imported on the first chunk, as
 in an Airflow task), the interpreter's start excluded for every step alike.
+
+`"profile": PATH` dumps a cProfile of the step (main thread only) to PATH; `"attribute": true`
+samples every thread every 10 ms (bench/attribution.py) and adds `attribution` to the report: the
+step's time by part of the system (store, parsing, validation, rules, imports, idle) per thread.
+The two exclude each other (asking for both is an error): cProfile's cost would be sampled.
 """
 
 from __future__ import annotations
@@ -322,12 +327,21 @@ STEPS = {"duckdb": duckdb_reference, "backfill": backfill, "night": night, "reru
 def main() -> None:
     step, args = sys.argv[1], json.loads(sys.argv[2])
     profile = args.get("profile")
+    if profile and args.get("attribute"):
+        # cProfile's hook on every call would be most of what the sampler sees
+        raise SystemExit("bench.steps: 'profile' and 'attribute' exclude each other; ask for one")
     if profile:
         import cProfile
 
         profiler = cProfile.Profile()
         result = profiler.runcall(STEPS[step], args)
         profiler.dump_stats(profile)
+    elif args.get("attribute"):
+        from bench import attribution
+
+        with attribution.sampling() as sampler:
+            result = STEPS[step](args)
+        result["attribution"] = sampler.report()
     else:
         result = STEPS[step](args)
     result.update({"step": step, "peak_rss_mib": round(max([_peak_rss_mib(), *_PEAKS]), 1)})
