@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from datetime import date
+from datetime import date, datetime
 
 import numpy as np
 import pandas as pd
@@ -167,14 +167,20 @@ def _window(conn: Connection, since: pd.Series) -> tuple[pd.DataFrame, pd.DataFr
 def _rows(parts: list[list], columns: dict[str, str]) -> pd.DataFrame:
     rows = [r for part in parts for r in part]
     values = list(zip(*rows, strict=True)) if rows else [[] for _ in columns]
-    arrays = {}
-    for (name, kind), column in zip(columns.items(), values, strict=True):
-        if kind == "day":    # a date, or SQLite's text
-            column = [None if v is None else pd.Timestamp(v).to_pydatetime() for v in column]
-        elif kind == "instant":
-            column = [None if v is None else pd.Timestamp(v).to_pydatetime() for v in column]
-        arrays[name] = pa.array(column, type=_ARROW[kind])
+    arrays = {name: _temporal(column) if kind in ("instant", "day") else pa.array(column, type=_ARROW[kind])
+              for (name, kind), column in zip(columns.items(), values, strict=True)}
     return _typed(pa.table(arrays), columns)
+
+
+def _temporal(column: Sequence) -> pa.Array:
+    """Days and instants as the driver returns them (dates, datetimes, or ISO text) -> Arrow
+    timestamps, converted in C a column at a time (not a pandas Timestamp a value)."""
+    sample = next((v for v in column if v is not None), None)
+    if isinstance(sample, str):
+        return pa.array(column, type=pa.string()).cast(pa.timestamp("us"))
+    if isinstance(sample, date) and not isinstance(sample, datetime):
+        return pa.array(column, type=pa.date32()).cast(pa.timestamp("us"))
+    return pa.array(column, type=pa.timestamp("us"))
 
 
 def _typed(table: pa.Table, columns: dict[str, str]) -> pd.DataFrame:
