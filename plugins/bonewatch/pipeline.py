@@ -393,6 +393,7 @@ def _load(engine: Engine, settings: Settings, items, ledger: dict,
 
 
 def _lap(seconds: dict[str, float], part: str, since: float) -> float:
+    """Add the time since `since` to `seconds[part]`; return now (the next part's start)."""
     now = time.perf_counter()
     seconds[part] += now - since
     return now
@@ -853,11 +854,6 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
     seconds = {"read": 0.0, "rules": 0.0, "write": 0.0}
     clock = time.perf_counter
 
-    def lap(part: str, since: float) -> float:
-        now = clock()
-        seconds[part] += now - since
-        return now
-
     # One transaction a batch: its alerts, its course states and its index rows land together, so
     # an interrupted evaluation leaves the rest of the patients marked and a rerun completes it.
     # History is read on a connection of its own (`reads.History`: ADBC on PostgreSQL; why that is
@@ -870,7 +866,7 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             # the carried history plus what changed since (store/state.py), or the whole history
             with engine.connect() as conn:
                 labs, events, changed = patient_state.load(conn, ids, digest, full=full, whole=history.load)
-            started = lap("read", started)
+            started = _lap(seconds, "read", started)
             # the rules see what was collected by the night; the calendar also sees what comes later
             findings, course_states = rules.evaluate_with_state(
                 labs[labs["collected_date"] <= cut].reset_index(drop=True),
@@ -878,14 +874,14 @@ def _evaluate(engine: Engine, settings: Settings, as_of: date, *, full: bool,
             due = incremental.next_due(labs, events, as_of, settings)
             # (an empty mapping would make pandas cast the dates to float; nothing due is all NaT)
             batch["next_due_on"] = batch["patient_id"].map(due) if len(due) else pd.NaT
-            started = lap("rules", started)
+            started = _lap(seconds, "rules", started)
             with engine.begin() as conn:
                 patient_state.save(conn, labs, events, changed, digest, as_of)
                 del labs, events
                 added, cleared = alerts.sync_findings(conn, findings, as_of, patients=set(ids))
                 courses.save_course_states(conn, course_states, as_of, patients=set(ids))
                 writes.record_evaluation(conn, batch, as_of, digest)
-            lap("write", started)   # the commit included
+            _lap(seconds, "write", started)   # the commit included
             faults.point("evaluate.batch")
             found, new, resolved = found + len(findings), new + added, resolved + cleared
             for f in findings:
